@@ -1,0 +1,31 @@
+"""imgclf: image classification by transfer learning, from labelled folders to a served model.
+
+Example:
+    >>> import imgclf
+    >>> model = imgclf.train(data="photos/", out="runs/photos")  # doctest: +SKIP
+    >>> imgclf.load("runs/photos").predict(["new.jpg"])[0].label  # doctest: +SKIP
+    'cat'
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from imgclf.api import evaluate, load
+from imgclf.backbones import list_backbones
+from imgclf.bundle import Model, Prediction
+from imgclf.config import TrainConfig
+from imgclf.errors import ImgclfError
+from imgclf.training.run import train
+
+__all__ = [
+    "ImgclfError",
+    "Model",
+    "Prediction",
+    "TrainConfig",
+    "__version__",
+    "evaluate",
+    "list_backbones",
+    "load",
+    "train",
+]

@@ -1,0 +1,81 @@
+"""The library's verbs beyond `train`: load a bundle, evaluate it, predict with it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from imgclf.bundle import Model
+from imgclf.data.decode import is_image_file
+from imgclf.data.pipeline import ImageStore
+from imgclf.data.sources import load_eval_split
+from imgclf.errors import DataError
+from imgclf.evaluation import classification_metrics, plot_confusion
+
+
+def load(folder: str | Path) -> Model:
+    """Load a model bundle written by `imgclf train`.
+
+    Example:
+        >>> model = imgclf.load("runs/pets")  # doctest: +SKIP
+        >>> model.classes
+        ['cat', 'dog']
+    """
+    return Model.load(folder)
+
+
+def evaluate(
+    model_dir: str | Path, data: str, *, batch_size: int = 64, runtime: str = "auto", write: bool = True
+) -> dict[str, Any]:
+    """Score a bundle on DATA: the test split when DATA has one, else all of its images.
+
+    Writes `evaluation.json` and `confusion_matrix.png` into the bundle folder unless `write`
+    is False.
+
+    Example:
+        >>> imgclf.evaluate("runs/pets", "pets/")["accuracy"]  # doctest: +SKIP
+        0.94
+    """
+    model = Model.load(model_dir)
+    images, split = load_eval_split(data, model.classes)
+    store = ImageStore(images, model.preprocessing, memory_budget=0, description="decode")
+    probs, labels = model.predict_store(store, batch_size=batch_size, runtime=runtime, desc="evaluate")
+    metrics = classification_metrics(probs, labels, model.classes)
+    metrics.update(
+        data=str(data),
+        split=split,
+        skipped_files=[{"path": p, "reason": r} for p, r in store.failed],
+    )
+    if write:
+        folder = Path(model_dir)
+        (folder / "evaluation.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+        png = plot_confusion(
+            metrics["confusion_matrix"], model.classes, folder / "confusion_matrix.png",
+            f"{data} ({split}): accuracy {metrics['accuracy']:.3f}",
+        )
+        metrics["confusion_matrix_png"] = str(png)
+    return metrics
+
+
+def collect_images(paths: list[str | Path]) -> list[Path]:
+    """Expand files and folders (recursively) into image files, sorted within each folder.
+
+    Raises:
+        DataError: a path does not exist, or nothing that looks like an image was found.
+    """
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw).expanduser()
+        if path.is_dir():
+            found.extend(sorted(p for p in path.rglob("*") if p.is_file() and is_image_file(p)))
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise DataError(f"{str(raw)!r} does not exist", fix="pass image files or folders of images")
+    if not found:
+        raise DataError(
+            f"no images found in {', '.join(map(str, paths))}",
+            expected="files with an image extension (.jpg, .png, ...) or folders holding them",
+        )
+    return found

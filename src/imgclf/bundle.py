@@ -1,0 +1,285 @@
+"""The model bundle: a folder with `model.safetensors` and `imgclf.json`, and the `Model` it loads.
+
+`imgclf.json` describes everything needed to rebuild and use the model: class names, backbone,
+head, preprocessing, the recipe and resolved config, metrics and library versions. Loading reads
+JSON and safetensors only, so it never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from imgclf.data.pipeline import ImageStore, Preprocessing, image_to_tensor, normalize
+from imgclf.data.sources import ImageSet
+from imgclf.errors import BundleError
+from imgclf.model import ImageClassifier, build_head
+from imgclf.runtime import FrozenForward
+
+BUNDLE_JSON = "imgclf.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT = "imgclf-bundle"
+FORMAT_VERSION = 1
+
+
+def library_versions() -> dict[str, str]:
+    import PIL
+    import timm
+
+    from imgclf import __version__
+
+    return {
+        "imgclf": __version__,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "numpy": np.__version__,
+        "pillow": PIL.__version__,
+        "python": platform.python_version(),
+    }
+
+
+@dataclass
+class Prediction:
+    """The top-k classes for one image, best first; `error` is set when the image was unreadable."""
+
+    source: str
+    top_k: list[tuple[str, float]]
+    error: str | None = None
+
+    @property
+    def label(self) -> str | None:
+        return self.top_k[0][0] if self.top_k else None
+
+    @property
+    def probability(self) -> float | None:
+        return self.top_k[0][1] if self.top_k else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "label": self.label,
+            "probability": self.probability,
+            "top_k": [{"label": c, "probability": p} for c, p in self.top_k],
+            "error": self.error,
+        }
+
+
+class Model:
+    """A trained classifier with its classes and preprocessing.
+
+    Example:
+        >>> model = Model.load("runs/pets")  # doctest: +SKIP
+        >>> model.predict(["cat.jpg"], top_k=3)[0].label  # doctest: +SKIP
+        'cat'
+    """
+
+    def __init__(
+        self, module: ImageClassifier, classes: list[str], preprocessing: Preprocessing, meta: dict[str, Any]
+    ) -> None:
+        self.module = module.eval()
+        self.classes = list(classes)
+        self.preprocessing = preprocessing
+        self.meta = meta
+        self._forward: FrozenForward | None = None
+        self._forward_key: tuple[str, str] | None = None
+
+    @property
+    def temperature(self) -> float:
+        return float(self.meta.get("temperature", 1.0))
+
+    # -- persistence -----------------------------------------------------------------------
+
+    def save(self, folder: str | Path) -> Path:
+        """Write `model.safetensors` and `imgclf.json` into `folder` (created if needed)."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
+        save_file(state, str(folder / WEIGHTS_FILE))
+        meta = dict(self.meta)
+        meta.update(
+            format=FORMAT,
+            format_version=FORMAT_VERSION,
+            classes=self.classes,
+            preprocessing=self.preprocessing.to_dict(),
+        )
+        meta.setdefault("versions", library_versions())
+        meta.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        (folder / BUNDLE_JSON).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Model:
+        """Rebuild a model from a bundle folder alone.
+
+        Raises:
+            BundleError: missing or corrupt files, or weights that do not fit the architecture.
+        """
+        from imgclf.backbones import create_backbone
+
+        folder = Path(folder)
+        meta = read_bundle_json(folder)
+        weights = folder / WEIGHTS_FILE
+        if not weights.is_file():
+            raise BundleError(f"{str(folder)!r} has no {WEIGHTS_FILE}", fix="re-run imgclf train --out")
+        try:
+            backbone = create_backbone(meta["backbone"]["timm_name"], pretrained=False)
+            head = build_head(meta["head"])
+        except KeyError as exc:
+            raise BundleError(f"{BUNDLE_JSON} in {str(folder)!r} lacks the field {exc}") from None
+        module = ImageClassifier(backbone.model, head)
+        load_weights(module, weights)
+        return cls(module, meta["classes"], Preprocessing.from_dict(meta["preprocessing"]), meta)
+
+    # -- inference -------------------------------------------------------------------------
+
+    def forward_function(self, runtime: str = "auto", precision: str = "auto") -> FrozenForward:
+        key = (runtime, precision)
+        if self._forward is None or self._forward_key != key:
+            self._forward = FrozenForward(
+                self.module, image_size=self.preprocessing.image_size, precision=precision, runtime=runtime
+            )
+            self._forward_key = key
+        return self._forward
+
+    def probabilities(self, batch: torch.Tensor, *, runtime: str = "auto") -> torch.Tensor:
+        """uint8 N x 3 x S x S (already resized) -> N x C probabilities."""
+        logits = self.forward_function(runtime)(normalize(batch, self.preprocessing))
+        return torch.softmax(logits / self.temperature, dim=1)
+
+    def predict_store(
+        self, store: ImageStore, *, batch_size: int = 64, runtime: str = "auto", desc: str = "predict"
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(probabilities N x C, labels N) for the readable images of a store."""
+        from imgclf.training.probe import run_frozen
+
+        logits, labels = run_frozen(
+            self.forward_function(runtime), store, batch_size=batch_size, desc=desc
+        )
+        if len(logits) == 0:
+            return np.zeros((0, len(self.classes)), dtype=np.float32), labels.numpy()
+        return torch.softmax(logits / self.temperature, dim=1).numpy(), labels.numpy()
+
+    def predict(
+        self,
+        images: list[str | Path | Image.Image] | str | Path | Image.Image,
+        *,
+        top_k: int = 5,
+        batch_size: int = 64,
+        runtime: str = "auto",
+    ) -> list[Prediction]:
+        """Top-k predictions for image files or PIL images. Unreadable files get `error` set.
+
+        Example:
+            >>> [p.label for p in imgclf.load("runs/pets").predict(["a.jpg", "b.png"])]  # doctest: +SKIP
+            ['cat', 'dog']
+        """
+        if not isinstance(images, list):
+            images = [images]
+        top_k = max(1, min(top_k, len(self.classes)))
+        size = self.preprocessing.image_size
+        results: list[Prediction | None] = [None] * len(images)
+        files = [(i, str(x)) for i, x in enumerate(images) if isinstance(x, (str, Path))]
+        if files:
+            # Labels carry each file's position, so results map back even when files are skipped.
+            positions = np.arange(len(files), dtype=np.int64)
+            image_set = ImageSet(paths=[f for _, f in files], labels=positions)
+            store = ImageStore(image_set, self.preprocessing, memory_budget=2**30, description="decode")
+            probs, kept = self.predict_store(store, batch_size=batch_size, runtime=runtime)
+            for row, position in zip(probs, kept):
+                i, path = files[int(position)]
+                results[i] = Prediction(path, self._top(row, top_k))
+            failed = dict(store.failed)
+            for i, path in files:
+                if results[i] is None:
+                    results[i] = Prediction(path, [], error=failed.get(path, "not decoded"))
+        pil = [(i, x) for i, x in enumerate(images) if isinstance(x, Image.Image)]
+        if pil:
+            from imgclf.data.decode import to_rgb
+
+            batch = torch.stack([image_to_tensor(to_rgb(x), size, self.preprocessing.interpolation) for _, x in pil])
+            probs_t = torch.cat(
+                [self.probabilities(batch[j : j + batch_size], runtime=runtime) for j in range(0, len(batch), batch_size)]
+            ).numpy()
+            for (i, _), row in zip(pil, probs_t):
+                results[i] = Prediction(f"<image {i}>", self._top(row, top_k))
+        missing = [i for i, r in enumerate(results) if r is None]
+        if missing:
+            raise BundleError(
+                f"cannot predict on item {missing[0]} of type {type(images[missing[0]]).__name__}",
+                expected="file paths or PIL images",
+            )
+        return [r for r in results if r is not None]
+
+    def _top(self, row: np.ndarray, k: int) -> list[tuple[str, float]]:
+        order = np.argsort(-row)[:k]
+        return [(self.classes[j], float(row[j])) for j in order]
+
+
+def read_bundle_json(folder: Path) -> dict[str, Any]:
+    path = folder / BUNDLE_JSON
+    if not folder.is_dir():
+        raise BundleError(f"model folder {str(folder)!r} does not exist", fix="pass the --out folder of imgclf train")
+    if not path.is_file():
+        raise BundleError(
+            f"{str(folder)!r} is not an imgclf model bundle: it has no {BUNDLE_JSON}",
+            expected=f"a folder written by `imgclf train --out`, holding {BUNDLE_JSON} and {WEIGHTS_FILE}",
+        )
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{str(path)!r} is not valid JSON: {exc}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise BundleError(f"{str(path)!r} is not an imgclf bundle description (format != {FORMAT!r})")
+    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+        raise BundleError(
+            f"bundle format {meta.get('format_version')} is newer than this imgclf understands ({FORMAT_VERSION})",
+            fix="upgrade imgclf",
+        )
+    return meta
+
+
+def load_weights(module: torch.nn.Module, path: Path) -> None:
+    """Load safetensors weights strictly; any missing, unexpected or reshaped key is listed."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise BundleError(
+            f"{str(path)!r} is not a readable safetensors file: {exc}",
+            fix="re-export or re-train the model; the file is corrupt or truncated",
+        ) from None
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    reshaped = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+    if missing or unexpected or reshaped:
+        parts = []
+        if missing:
+            parts.append(f"missing: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+        if unexpected:
+            parts.append(f"unexpected: {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
+        if reshaped:
+            parts.append(
+                "shape differs: "
+                + ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}" for k in reshaped[:8])
+            )
+        raise BundleError(
+            f"the weights in {str(path)!r} do not match the architecture in {BUNDLE_JSON}: " + "; ".join(parts),
+            fix="the bundle was edited or mixed with another; re-train it",
+        )
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise BundleError(f"{str(path)!r} has NaN or inf values in {', '.join(bad[:5])}")
+    module.load_state_dict(state, strict=True)

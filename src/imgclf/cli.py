@@ -1,0 +1,225 @@
+"""The `imgclf` command: a thin shell over the library.
+
+Each subcommand parses its flags, calls one library function and prints the result. Every
+`ImgclfError` is printed without a traceback and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from imgclf.errors import ImgclfError
+
+EXIT_USAGE = 2
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("train", help="train a classifier on DATA and write a bundle to --out")
+    p.add_argument("data", metavar="DATA", nargs="?", help="class folders, split folders, a CSV, or cifar10/cifar100")
+    p.add_argument("--out", help="bundle folder to write")
+    p.add_argument("--config", help="YAML file of options; flags override it")
+    p.add_argument("--backbone", help="timm model name (default tf_efficientnet_lite0)")
+    p.add_argument("--recipe", choices=["probe", "finetune"], help="probe: frozen backbone; finetune (default)")
+    p.add_argument("--epochs", type=int, help="fine-tuning epochs after the head fit (default 5)")
+    p.add_argument("--image-size", type=int, help="input side in px (default: from the backbone and data)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--weights", help="local weights file (.safetensors or state-dict .pth)")
+    p.add_argument("--random-init", action="store_true", default=None, help="train from random weights")
+    p.add_argument("--val-fraction", type=float, help="share of train held out for validation (default 0.1)")
+    p.add_argument("--lr", type=float, help="peak learning rate of the head (default 1e-3)")
+    p.add_argument("--augment", choices=["none", "light", "standard"])
+    p.add_argument("--no-flip", dest="flip", action="store_false", default=None, help="no horizontal flips")
+    p.add_argument("--patience", type=int, help="epochs without improvement before stopping")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--workers", type=int, help="decode threads (default: one per core)")
+    p.set_defaults(handler=cmd_train)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from imgclf.config import load_yaml, resolve_config
+    from imgclf.training.run import train
+
+    file_values = load_yaml(args.config) if args.config else {}
+    flags = {
+        k: getattr(args, k)
+        for k in (
+            "data", "out", "backbone", "recipe", "epochs", "image_size", "batch_size", "seed",
+            "weights", "random_init", "val_fraction", "lr", "augment", "flip", "patience",
+            "precision", "device", "workers",
+        )
+    }
+    cfg = resolve_config(file_values, **flags)
+    model = train(cfg)
+    for split, values in model.meta["metrics"].items():
+        print(f"{split}: accuracy {values['accuracy']:.4f}, top-5 {values['top5_accuracy']:.4f}, "
+              f"macro-F1 {values['macro_f1']:.4f} ({values['num_images']} images)")
+    print(f"bundle: {cfg.out}")
+    return 0
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("evaluate", help="score a bundle on DATA (its test split, else all images)")
+    p.add_argument("model", metavar="DIR")
+    p.add_argument("data", metavar="DATA")
+    p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--runtime", choices=["auto", "torch", "openvino"], default="auto")
+    p.set_defaults(handler=cmd_evaluate)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from imgclf.api import evaluate
+
+    metrics = evaluate(args.model, args.data, batch_size=args.batch_size, runtime=args.runtime)
+    if args.json:
+        print(json.dumps(metrics))
+        return 0
+    print(f"{metrics['data']} ({metrics['split']}, {metrics['num_images']} images)")
+    # Skewed classes: lead with the metrics that are not fooled by the majority class.
+    lead = ["balanced_accuracy", "macro_f1"] if _imbalanced(metrics) else []
+    rest = ["accuracy", "top5_accuracy", "macro_f1", "weighted_f1", "balanced_accuracy"]
+    for key in lead + [k for k in rest if k not in lead]:
+        print(f"  {key:<18} {metrics[key]:.4f}")
+    width = max(len(c) for c in metrics["classes"])
+    print(f"\n  {'class':<{width}}  precision  recall     f1  support")
+    for name, row in metrics["per_class"].items():
+        print(f"  {name:<{width}}  {row['precision']:9.4f}  {row['recall']:6.4f}  {row['f1']:5.4f}  {row['support']:7d}")
+    if metrics["skipped_files"]:
+        print(f"\n  skipped {len(metrics['skipped_files'])} unreadable file(s)")
+    print(f"\nconfusion matrix: {metrics['confusion_matrix_png']}")
+    return 0
+
+
+def _imbalanced(metrics: dict[str, Any]) -> bool:
+    from imgclf.evaluation import is_imbalanced
+
+    return is_imbalanced(metrics)
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("predict", help="top-k labels for image files or folders")
+    p.add_argument("model", metavar="DIR")
+    p.add_argument("paths", metavar="PATH", nargs="+")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--runtime", choices=["auto", "torch", "openvino"], default="auto")
+    p.set_defaults(handler=cmd_predict)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from imgclf.api import collect_images, load
+    from imgclf.progress import log
+
+    if args.top_k < 1:
+        raise ImgclfError(f"--top-k must be at least 1, got {args.top_k}")
+    files = collect_images(args.paths)
+    model = load(args.model)
+    start = time.perf_counter()
+    predictions = model.predict([str(f) for f in files], top_k=args.top_k, batch_size=args.batch_size,
+                                runtime=args.runtime)
+    seconds = time.perf_counter() - start
+    log(f"{len(files)} image(s) in {seconds:.2f} s ({len(files) / max(seconds, 1e-9):.1f} img/s)")
+    rows = [p.to_dict() for p in predictions]
+    if args.format == "json":
+        print(json.dumps(rows, indent=2))
+    elif args.format == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(["source", "rank", "label", "probability", "error"])
+        for row in rows:
+            if row["error"]:
+                writer.writerow([row["source"], "", "", "", row["error"]])
+            for rank, item in enumerate(row["top_k"], start=1):
+                writer.writerow([row["source"], rank, item["label"], f"{item['probability']:.6f}", ""])
+        sys.stdout.write(buffer.getvalue())
+    else:
+        for row in rows:
+            if row["error"]:
+                print(f"{row['source']}\tERROR: {row['error']}")
+                continue
+            guesses = "  ".join(f"{t['label']} {t['probability']:.3f}" for t in row["top_k"])
+            print(f"{row['source']}\t{guesses}")
+    return 1 if any(r["error"] for r in rows) else 0
+
+
+def _add_backbones(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("backbones", help="list curated backbones and whether their weights work offline")
+    p.add_argument("--include", help="fnmatch pattern, e.g. 'tf_efficientnet*'")
+    p.set_defaults(handler=cmd_backbones)
+
+
+def cmd_backbones(args: argparse.Namespace) -> int:
+    from imgclf.backbones import list_backbones, offline_status
+
+    entries = list_backbones(args.include)
+    width = max(len(e.name) for e in entries) if entries else 10
+    print(f"{'name':<{width}}  {'offline weights':<42}  description")
+    for e in entries:
+        status = offline_status(e) or "no (needs the internet or --weights)"
+        print(f"{e.name:<{width}}  {status:<42}  {e.summary}")
+    print("\nAny other timm model name works too (with --weights FILE, or online).")
+    return 0
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("demo", help="offline end-to-end run on scikit-learn's digits")
+    p.add_argument("--out", default="imgclf-demo", help="folder for the data, bundle and plots")
+    p.set_defaults(handler=cmd_demo)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from imgclf.demo import run_demo
+
+    result = run_demo(args.out)
+    metrics = result["metrics"]
+    print(f"\nheld-out accuracy: {metrics['accuracy']:.4f} on {metrics['num_images']} images "
+          f"(top-5 {metrics['top5_accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f})")
+    print("predictions on a few held-out images:")
+    for p in result["predictions"]:
+        truth = p.source.replace("\\", "/").split("/")[-2]
+        print(f"  {p.source}: {p.label} ({p.probability:.3f}), true {truth}")
+    print(f"bundle: {result['bundle']}")
+    print(f"plots: {metrics['confusion_matrix_png']}")
+    print(f"finished in {result['seconds']:.0f} s")
+    return 0
+
+
+COMMANDS: Sequence[Callable[[argparse._SubParsersAction], None]] = (  # type: ignore[type-arg]
+    _add_train, _add_evaluate, _add_predict, _add_backbones, _add_demo,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from imgclf import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="imgclf", description="Image classification by transfer learning."
+    )
+    parser.add_argument("--version", action="version", version=f"imgclf {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except ImgclfError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

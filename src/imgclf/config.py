@@ -1,0 +1,157 @@
+"""The one place where a training run is configured.
+
+`TrainConfig` is a flat, typed dataclass. A YAML file and CLI flags are merged into it here and
+nowhere else (`resolve_config`): defaults < YAML file < flags. The resolved config is written next
+to the model (`config.yaml`) and into the bundle's `imgclf.json`, so every run can be repeated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import yaml
+
+from imgclf.errors import ConfigError
+
+Recipe = Literal["probe", "finetune"]
+Precision = Literal["auto", "bf16", "fp32"]
+RECIPES: tuple[str, ...] = get_args(Recipe)
+
+DEFAULT_BACKBONE = "tf_efficientnet_lite0"
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides what a training run does.
+
+    Example:
+        >>> cfg = TrainConfig(data="photos/", out="runs/photos", recipe="probe")
+        >>> cfg.backbone
+        'tf_efficientnet_lite0'
+    """
+
+    data: str = ""  # folder, split folder, CSV manifest, or "cifar10"/"cifar100"
+    out: str = ""  # bundle folder to write
+    backbone: str = DEFAULT_BACKBONE  # any timm name; curated ones know their offline weights
+    weights: str | None = None  # local weights file; None = offline package, then the hub
+    random_init: bool = False  # train from scratch; must be asked for explicitly
+    recipe: Recipe = "finetune"
+    epochs: int | None = None  # fine-tuning epochs after the head fit; None = recipe default (10)
+    image_size: int | None = None  # square input side in px; None = see data.choose_image_size
+    batch_size: int = 64  # images per optimizer step and per inference batch
+    seed: int = 0
+    val_fraction: float = 0.1  # share of train held out when no val split is given (stratified)
+
+    # finetune: stage 1 fits the head on frozen features (a linear probe), stage 2 unfreezes.
+    lr: float = 1e-3  # AdamW peak learning rate of the head, per batch of `batch_size`
+    backbone_lr_ratio: float = 0.3  # backbone lr = lr * ratio (discriminative learning rates)
+    weight_decay: float = 0.05  # AdamW decoupled weight decay; not applied to norms and biases
+    label_smoothing: float = 0.1
+    warmup_fraction: float = 0.05  # share of all fine-tuning steps spent warming the lr up from 0
+    patience: int = 3  # epochs without a better val accuracy before stopping early
+    freeze_bn: bool = True  # keep BatchNorm statistics frozen while fine-tuning (Keras guide)
+    augment: Literal["none", "light", "standard"] = "standard"  # batched random-resized crops
+    flip: bool = True  # random horizontal flips; turn off for text, digits, left/right classes
+    head_fit_images: int = 10000  # at most this many train images are used to fit the first head
+
+    # probe: a multinomial logistic regression on frozen features; L2 strength picked on val.
+    probe_l2: list[float] = field(default_factory=lambda: [1e-5, 1e-4, 1e-3, 1e-2])
+
+    precision: Precision = "auto"  # auto = bf16 where the CPU/GPU runs it natively
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    workers: int = 0  # decode threads; 0 = one per core
+    memory_fraction: float = 0.4  # decoded images stay in RAM while they fit in this share of it
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Raise `ConfigError` for values that cannot work, before any data is read."""
+    if cfg.recipe not in RECIPES:
+        raise ConfigError(
+            f"unknown recipe {cfg.recipe!r}",
+            expected=f"one of {', '.join(RECIPES)}",
+            fix="pass --recipe probe or --recipe finetune",
+        )
+    checks: list[tuple[bool, str, str]] = [
+        (cfg.epochs is None or cfg.epochs >= 0, "epochs", "an integer >= 0"),
+        (cfg.image_size is None or 16 <= cfg.image_size <= 1024, "image_size", "16..1024 px"),
+        (cfg.batch_size >= 1, "batch_size", "an integer >= 1"),
+        (0.0 < cfg.val_fraction < 0.9, "val_fraction", "a fraction between 0 and 0.9"),
+        (cfg.lr > 0, "lr", "a positive number"),
+        (0 < cfg.backbone_lr_ratio <= 10, "backbone_lr_ratio", "a number in (0, 10]"),
+        (cfg.weight_decay >= 0, "weight_decay", "a number >= 0"),
+        (0 <= cfg.label_smoothing < 1, "label_smoothing", "a number in [0, 1)"),
+        (0 <= cfg.warmup_fraction < 1, "warmup_fraction", "a number in [0, 1)"),
+        (cfg.patience >= 1, "patience", "an integer >= 1"),
+        (cfg.head_fit_images >= 10, "head_fit_images", "an integer >= 10"),
+        (bool(cfg.probe_l2) and all(v >= 0 for v in cfg.probe_l2), "probe_l2", "a list of numbers >= 0"),
+        (cfg.precision in ("auto", "bf16", "fp32"), "precision", "auto, bf16 or fp32"),
+        (cfg.augment in ("none", "light", "standard"), "augment", "none, light or standard"),
+        (cfg.workers >= 0, "workers", "an integer >= 0"),
+        (0 < cfg.memory_fraction <= 0.9, "memory_fraction", "a fraction in (0, 0.9]"),
+    ]
+    for ok, name, expected in checks:
+        if not ok:
+            raise ConfigError(
+                f"invalid {name}: {getattr(cfg, name)!r}",
+                expected=expected,
+                fix=f"change {name} in the config file or pass --{name.replace('_', '-')}",
+            )
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a run description; unknown keys are an error so typos don't pass silently."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist", fix="check the --config path")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(
+            f"config file {str(path)!r} holds a {type(values).__name__}",
+            expected="a mapping of option names to values, e.g. 'epochs: 5'",
+        )
+    return values
+
+
+def resolve_config(file_values: dict[str, Any] | None = None, **overrides: Any) -> TrainConfig:
+    """Merge defaults < file values < overrides (None overrides are ignored) into a TrainConfig.
+
+    Example:
+        >>> resolve_config({"epochs": 3}, epochs=5, data="d", out="o").epochs
+        5
+    """
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    merged: dict[str, Any] = {}
+    for source, values in (("config file", file_values or {}), ("arguments", overrides)):
+        for key, value in values.items():
+            key = key.replace("-", "_")
+            if key not in known:
+                import difflib
+
+                close = difflib.get_close_matches(key, sorted(known), n=3)
+                raise ConfigError(
+                    f"unknown option {key!r} in the {source}",
+                    expected=f"one of {', '.join(sorted(known))}",
+                    fix=f"did you mean {', '.join(close)}?" if close else "remove it",
+                )
+            if value is not None:
+                merged[key] = value
+    try:
+        return TrainConfig(**merged)
+    except TypeError as exc:
+        raise ConfigError(f"invalid configuration: {exc}") from None
+
+
+def save_yaml(cfg: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")

@@ -1,0 +1,1 @@
+"""Data: find, decode and batch images."""

@@ -1,0 +1,437 @@
+"""Find the images and labels behind a DATA argument.
+
+Accepted forms, detected in this order:
+
+1. `cifar10` / `cifar100`: the standard sets, downloaded into the cache on first use.
+2. A CSV manifest with `path,label` columns (and an optional `split` column of train/val/test);
+   paths are relative to the CSV file.
+3. A folder holding `train/` (and optionally `val/` and `test/`), each with a folder per class.
+4. A folder with a folder per class.
+
+The class -> index map is fixed from the training data (sorted names) and reused everywhere after.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from imgclf.data.decode import is_image_file, open_image
+from imgclf.errors import BundleError, DataError
+
+SPLIT_NAMES = {
+    "train": ("train", "training"),
+    "val": ("val", "valid", "validation"),
+    "test": ("test", "testing"),
+}
+
+
+@dataclass
+class ImageSet:
+    """The images and integer labels of one split.
+
+    Images are files (`paths`) or, for the standard sets, rows of an in-memory uint8 array
+    (`arrays`, shape N x H x W x 3) whose `paths` are stable names such as `cifar10/test/17`.
+    """
+
+    paths: list[str]
+    labels: np.ndarray  # int64, indices into the dataset's class list
+    arrays: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def subset(self, indices: np.ndarray | list[int]) -> ImageSet:
+        idx = np.asarray(indices, dtype=np.int64)
+        return ImageSet(
+            paths=[self.paths[i] for i in idx],
+            labels=self.labels[idx],
+            arrays=None if self.arrays is None else self.arrays[idx],
+        )
+
+    def load(self, index: int, *, draft_size: int | None = None) -> Image.Image:
+        """Decode image `index` to RGB."""
+        if self.arrays is not None:
+            return Image.fromarray(self.arrays[index])
+        return open_image(self.paths[index], draft_size=draft_size)
+
+    def class_counts(self, num_classes: int) -> list[int]:
+        return np.bincount(self.labels, minlength=num_classes).tolist()
+
+
+@dataclass
+class Dataset:
+    """Train, validation and (optional) test splits over one fixed class list."""
+
+    classes: list[str]
+    train: ImageSet
+    val: ImageSet
+    test: ImageSet | None
+    source: str  # what kind of DATA this was, for messages and the bundle
+    val_from_train: bool  # True when val was carved out of train by a stratified split
+    warnings: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, object]:
+        n = len(self.classes)
+        splits = {"train": self.train, "val": self.val, "test": self.test}
+        return {
+            "source": self.source,
+            "classes": self.classes,
+            "val_from_train": self.val_from_train,
+            "counts": {
+                name: dict(zip(self.classes, split.class_counts(n)))
+                for name, split in splits.items()
+                if split is not None
+            },
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# Discovery
+
+
+def list_class_folder(root: Path) -> tuple[dict[str, list[Path]], list[str]]:
+    """Map class name -> sorted image files under `root/<class>/` (recursively).
+
+    Symbolic links to files are followed; links to folders are not, so a link loop cannot hang
+    the scan. Returns the mapping and warnings about folders that hold no images.
+    """
+    classes: dict[str, list[Path]] = {}
+    warnings: list[str] = []
+    for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if sub.is_symlink():
+            warnings.append(f"skipped linked folder {str(sub)!r} (links to folders are not followed)")
+            continue
+        files = sorted(p for p in _walk_files(sub) if is_image_file(p))
+        if files:
+            classes[sub.name] = files
+        else:
+            warnings.append(
+                f"class folder {str(sub)!r} holds no images; it is left out of the class list"
+            )
+    return classes, warnings
+
+
+def _walk_files(folder: Path) -> list[Path]:
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found.extend(Path(dirpath) / f for f in filenames)
+    return found
+
+
+def describe_folder(root: Path) -> str:
+    entries = [p for p in root.iterdir() if not p.name.startswith(".")]
+    dirs = [p.name for p in entries if p.is_dir()]
+    files = [p for p in entries if p.is_file()]
+    images = [p for p in files if is_image_file(p)]
+    listed = ", ".join(sorted(dirs)[:5]) + ("..." if len(dirs) > 5 else "")
+    return (
+        f"{len(dirs)} folder(s){' (' + listed + ')' if dirs else ''}, {len(files)} file(s)"
+        f" of which {len(images)} image(s) directly inside"
+    )
+
+
+ACCEPTED = (
+    "a folder with one sub-folder of images per class; a folder with train/ (and optionally "
+    "val/, test/) each holding class folders; a CSV file with path,label columns; or cifar10 / "
+    "cifar100"
+)
+
+
+def _find_split_dirs(root: Path) -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    children = {p.name.lower(): p for p in root.iterdir() if p.is_dir()}
+    for split, names in SPLIT_NAMES.items():
+        for name in names:
+            if name in children:
+                found[split] = children[name]
+                break
+    return found
+
+
+def _image_set(class_files: dict[str, list[Path]], class_index: dict[str, int]) -> ImageSet:
+    paths: list[str] = []
+    labels: list[int] = []
+    for name, files in class_files.items():
+        paths.extend(str(f) for f in files)
+        labels.extend([class_index[name]] * len(files))
+    return ImageSet(paths=paths, labels=np.asarray(labels, dtype=np.int64))
+
+
+def _check_classes(classes: list[str], where: str) -> None:
+    if not classes:
+        raise DataError(
+            f"no images found in {where}",
+            expected=ACCEPTED,
+            fix="point DATA at the folder that holds the class folders, and check the files are images",
+        )
+    if len(classes) == 1:
+        raise DataError(
+            f"only one class ({classes[0]!r}) found in {where}",
+            expected="at least two classes: a classifier needs something to tell apart",
+            fix="add a folder of images for every other class",
+        )
+
+
+def _unknown_classes_error(unknown: set[str], split: str, classes: list[str]) -> DataError:
+    return DataError(
+        f"the {split} split has classes that the training data lacks: {', '.join(sorted(unknown))}",
+        expected=f"{split} classes drawn from the training classes ({', '.join(classes)})",
+        fix=f"add training images for those classes or remove them from {split}",
+    )
+
+
+def stratified_split(
+    labels: np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split indices into (keep, held_out) with `fraction` of every class held out, seeded.
+
+    Every class with at least 2 images keeps at least 1 and holds out at least 1.
+
+    Example:
+        >>> keep, held = stratified_split(np.array([0, 0, 0, 0, 1, 1, 1, 1]), 0.5, seed=0)
+        >>> sorted(np.bincount(np.array([0, 0, 0, 0, 1, 1, 1, 1])[held]).tolist())
+        [2, 2]
+    """
+    rng = np.random.default_rng(seed)
+    keep: list[np.ndarray] = []
+    held: list[np.ndarray] = []
+    for cls in np.unique(labels):
+        idx = np.flatnonzero(labels == cls)
+        rng.shuffle(idx)
+        n_held = int(round(len(idx) * fraction))
+        if len(idx) >= 2:
+            n_held = min(max(n_held, 1), len(idx) - 1)
+        else:
+            n_held = 0
+        held.append(idx[:n_held])
+        keep.append(idx[n_held:])
+    return np.sort(np.concatenate(keep)), np.sort(np.concatenate(held))
+
+
+def load_dataset(data: str, *, val_fraction: float = 0.1, seed: int = 0) -> Dataset:
+    """Detect the kind of `data` and return its splits.
+
+    Example:
+        >>> ds = load_dataset("photos/")  # doctest: +SKIP
+        >>> ds.classes
+        ['cat', 'dog']
+    """
+    from imgclf.data import cifar
+
+    if data.lower() in cifar.NAMES:
+        train, test, classes = cifar.load_cifar(data.lower())
+        keep, held = stratified_split(train.labels, val_fraction, seed)
+        return Dataset(classes, train.subset(keep), train.subset(held), test, data.lower(), True)
+
+    path = Path(data).expanduser()
+    if not path.exists():
+        raise DataError(
+            f"DATA {data!r} does not exist",
+            expected=ACCEPTED,
+            fix="check the path (relative paths are resolved from the current folder)",
+        )
+    if path.is_file():
+        if path.suffix.lower() != ".csv":
+            raise DataError(f"DATA {data!r} is a file but not a .csv manifest", expected=ACCEPTED)
+        return _from_csv(path, val_fraction=val_fraction, seed=seed)
+    splits = _find_split_dirs(path)
+    if "train" in splits:
+        return _from_split_folders(splits, val_fraction=val_fraction, seed=seed, root=path)
+    if splits:
+        found = ", ".join(f"{k}/" for k in splits)
+        raise DataError(
+            f"{str(path)!r} has {found} but no train/ folder",
+            expected="train/ next to val/ and test/, each holding class folders",
+            fix="rename the training folder to train/, or point DATA at a folder of class folders",
+        )
+    class_files, warnings = list_class_folder(path)
+    if not class_files:
+        raise DataError(
+            f"no class folders with images in {str(path)!r}: found {describe_folder(path)}",
+            expected=ACCEPTED,
+            fix="put each class's images in its own sub-folder, e.g. DATA/cat/1.jpg",
+        )
+    classes = sorted(class_files)
+    _check_classes(classes, repr(str(path)))
+    full = _image_set(class_files, {c: i for i, c in enumerate(classes)})
+    keep, held = stratified_split(full.labels, val_fraction, seed)
+    return Dataset(classes, full.subset(keep), full.subset(held), None, "class folders", True, warnings)
+
+
+def _from_split_folders(
+    splits: dict[str, Path], *, val_fraction: float, seed: int, root: Path
+) -> Dataset:
+    train_files, warnings = list_class_folder(splits["train"])
+    classes = sorted(train_files)
+    _check_classes(classes, repr(str(splits["train"])))
+    index = {c: i for i, c in enumerate(classes)}
+    train = _image_set(train_files, index)
+    others: dict[str, ImageSet] = {}
+    for split in ("val", "test"):
+        if split not in splits:
+            continue
+        files, more = list_class_folder(splits[split])
+        warnings.extend(more)
+        unknown = set(files) - set(classes)
+        if unknown:
+            raise _unknown_classes_error(unknown, split, classes)
+        if files:
+            others[split] = _image_set(files, index)
+    if "val" in others:
+        val, val_from_train = others["val"], False
+    else:
+        keep, held = stratified_split(train.labels, val_fraction, seed)
+        train, val, val_from_train = train.subset(keep), train.subset(held), True
+    return Dataset(classes, train, val, others.get("test"), "split folders", val_from_train, warnings)
+
+
+def _from_csv(path: Path, *, val_fraction: float, seed: int) -> Dataset:
+    rows = read_manifest(path)
+    labels_by_split: dict[str, list[tuple[str, str]]] = {"train": [], "val": [], "test": []}
+    for file, label, split in rows:
+        labels_by_split[split].append((file, label))
+    classes = sorted({label for _, label in labels_by_split["train"]})
+    _check_classes(classes, f"the train rows of {str(path)!r}")
+    index = {c: i for i, c in enumerate(classes)}
+
+    def make(items: list[tuple[str, str]], split: str) -> ImageSet:
+        unknown = {label for _, label in items} - set(classes)
+        if unknown:
+            raise _unknown_classes_error(unknown, split, classes)
+        return ImageSet(
+            paths=[f for f, _ in items],
+            labels=np.asarray([index[label] for _, label in items], dtype=np.int64),
+        )
+
+    train = make(labels_by_split["train"], "train")
+    warnings: list[str] = []
+    counts = Counter(label for _, label in labels_by_split["train"])
+    if labels_by_split["val"]:
+        val, val_from_train = make(labels_by_split["val"], "val"), False
+    else:
+        keep, held = stratified_split(train.labels, val_fraction, seed)
+        train, val, val_from_train = train.subset(keep), train.subset(held), True
+    test = make(labels_by_split["test"], "test") if labels_by_split["test"] else None
+    singles = sorted(c for c, n in counts.items() if n < 2)
+    if singles:
+        warnings.append(f"classes with a single training image: {', '.join(singles)}")
+    return Dataset(classes, train, val, test, "csv manifest", val_from_train, warnings)
+
+
+def read_manifest(path: Path) -> list[tuple[str, str, str]]:
+    """Parse a `path,label[,split]` CSV into (absolute path, label, split) rows.
+
+    All bad rows are collected and reported together, with their line numbers.
+    """
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read CSV {str(path)!r}: {exc}", fix="save it as UTF-8 text") from None
+    reader = csv.reader(text.splitlines())
+    header = [h.strip().lower() for h in next(reader, [])]
+    if "path" not in header or "label" not in header:
+        raise DataError(
+            f"CSV {str(path)!r} has header {header!r}",
+            expected="a header row with 'path' and 'label' (and optionally 'split')",
+            fix="add the header line: path,label",
+        )
+    col_path, col_label = header.index("path"), header.index("label")
+    col_split = header.index("split") if "split" in header else None
+    rows: list[tuple[str, str, str]] = []
+    problems: list[str] = []
+    for line_no, row in enumerate(reader, start=2):
+        if not row or all(not cell.strip() for cell in row):
+            continue
+        if len(row) < len(header):
+            problems.append(f"line {line_no}: {len(row)} field(s), expected {len(header)}")
+            continue
+        file, label = row[col_path].strip(), row[col_label].strip()
+        split = row[col_split].strip().lower() if col_split is not None else "train"
+        split = next((k for k, names in SPLIT_NAMES.items() if split in names), split)
+        if not file or not label:
+            problems.append(f"line {line_no}: empty {'path' if not file else 'label'}")
+            continue
+        if split not in SPLIT_NAMES:
+            problems.append(f"line {line_no}: unknown split {split!r} (use train, val or test)")
+            continue
+        full = (path.parent / file).resolve()
+        if not full.is_file():
+            problems.append(f"line {line_no}: file {file!r} not found (looked for {str(full)!r})")
+            continue
+        rows.append((str(full), label, split))
+    if problems:
+        shown = "\n    ".join(problems[:20])
+        more = f"\n    ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise DataError(
+            f"CSV {str(path)!r} has {len(problems)} bad row(s):\n    {shown}{more}",
+            expected="every row: an existing image path (relative to the CSV) and a label",
+            fix="fix or delete those lines",
+        )
+    if not rows:
+        raise DataError(f"CSV {str(path)!r} has no rows", expected="one row per image")
+    return rows
+
+
+def load_eval_split(data: str, classes: list[str]) -> tuple[ImageSet, str]:
+    """The images to evaluate a bundle on: a test split when DATA has one, else all its images.
+
+    Labels are mapped through the bundle's `classes`; a class the bundle does not know is an error.
+    """
+    from imgclf.data import cifar
+
+    index = {c: i for i, c in enumerate(classes)}
+    if data.lower() in cifar.NAMES:
+        _, test, data_classes = cifar.load_cifar(data.lower())
+        named = [(p, data_classes[i]) for p, i in zip(test.paths, test.labels)]
+        return _relabel(named, index, classes, data, arrays=test.arrays), f"{data.lower()} test"
+    path = Path(data).expanduser()
+    if not path.exists():
+        raise DataError(f"DATA {data!r} does not exist", expected=ACCEPTED)
+    if path.is_file():
+        rows = read_manifest(path)
+        chosen = [r for r in rows if r[2] == "test"] or rows
+        split = "test rows" if any(r[2] == "test" for r in rows) else "all rows"
+        return _relabel([(f, lab) for f, lab, _ in chosen], index, classes, data), split
+    splits = _find_split_dirs(path)
+    folder, split = path, "all images"
+    for name in ("test", "val"):
+        if name in splits:
+            folder, split = splits[name], f"{name}/"
+            break
+    else:
+        if "train" in splits:
+            folder, split = splits["train"], "train/"
+    files, _ = list_class_folder(folder)
+    if not files:
+        raise DataError(f"no class folders with images in {str(folder)!r}", expected=ACCEPTED)
+    named = [(str(f), c) for c, fs in files.items() for f in fs]
+    return _relabel(named, index, classes, data), split
+
+
+def _relabel(
+    named: list[tuple[str, str]],
+    index: dict[str, int],
+    classes: list[str],
+    data: str,
+    arrays: np.ndarray | None = None,
+) -> ImageSet:
+    unknown = sorted({label for _, label in named} - set(index))
+    if unknown:
+        raise BundleError(
+            f"the data {data!r} has classes the model was not trained on: {', '.join(unknown[:10])}",
+            expected=f"classes drawn from the model's: {', '.join(classes[:20])}",
+            fix="evaluate with data of the same classes, or train a model on these classes",
+        )
+    return ImageSet(
+        paths=[p for p, _ in named],
+        labels=np.asarray([index[label] for _, label in named], dtype=np.int64),
+        arrays=arrays,
+    )

@@ -1,0 +1,48 @@
+"""One exception family for everything a user can get wrong.
+
+Every error a person can fix (bad data, an unknown backbone, missing weights, a bundle that does
+not match) is an `ImgclfError`. The CLI prints its message without a traceback and exits with
+code 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class ImgclfError(Exception):
+    """A mistake the user can fix. The message says what happened, what was expected and how to fix it.
+
+    Example:
+        >>> raise ImgclfError("no images in 'x/'", expected="a folder per class", fix="add images")
+        Traceback (most recent call last):
+        ...
+        imgclf.errors.ImgclfError: no images in 'x/'
+          expected: a folder per class
+          fix: add images
+    """
+
+    def __init__(self, what: str, *, expected: str | None = None, fix: str | None = None) -> None:
+        self.what = what
+        self.expected = expected
+        self.fix = fix
+        parts = [what]
+        if expected:
+            parts.append(f"  expected: {expected}")
+        if fix:
+            parts.append(f"  fix: {fix}")
+        super().__init__("\n".join(parts))
+
+
+class DataError(ImgclfError):
+    """The data could not be found, parsed or used."""
+
+
+class BackboneError(ImgclfError):
+    """The backbone name is unknown or its weights cannot be had."""
+
+
+class BundleError(ImgclfError):
+    """A model bundle is missing, corrupt or does not match what it is used with."""
+
+
+class ConfigError(ImgclfError):
+    """A configuration value or file is invalid."""

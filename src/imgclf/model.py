@@ -1,0 +1,67 @@
+"""The classifier: a headless timm backbone followed by a head that maps features to classes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from imgclf.errors import BundleError
+
+
+def build_head(spec: dict[str, Any]) -> nn.Module:
+    """Build a head from its JSON description (stored in the bundle).
+
+    `{"kind": "linear", "in_features": F, "num_classes": C}` is a single nn.Linear;
+    `{"kind": "mlp", "in_features": F, "num_classes": C, "layers": [...]}` is a stack where each
+    layer is `{"type": "dense", "units": N, "activation": "relu"}` or `{"type": "dropout", "rate": p}`.
+
+    Example:
+        >>> build_head({"kind": "linear", "in_features": 8, "num_classes": 3})
+        Linear(in_features=8, out_features=3, bias=True)
+    """
+    kind = spec.get("kind")
+    in_features, num_classes = int(spec["in_features"]), int(spec["num_classes"])
+    if kind == "linear":
+        return nn.Linear(in_features, num_classes)
+    if kind == "mlp":
+        layers: list[nn.Module] = []
+        width = in_features
+        for layer in spec.get("layers", []):
+            if layer["type"] == "dense":
+                layers.append(nn.Linear(width, int(layer["units"])))
+                if layer.get("activation") == "relu":
+                    layers.append(nn.ReLU(inplace=True))
+                width = int(layer["units"])
+            elif layer["type"] == "dropout":
+                layers.append(nn.Dropout(float(layer["rate"])))
+            else:
+                raise BundleError(f"unknown head layer type {layer['type']!r}")
+        layers.append(nn.Linear(width, num_classes))
+        return nn.Sequential(*layers)
+    raise BundleError(f"unknown head kind {kind!r}", expected="'linear' or 'mlp'")
+
+
+class ImageClassifier(nn.Module):
+    """`head(backbone(x))`, where the backbone returns pooled features (timm, num_classes=0)."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+    def set_backbone_trainable(self, trainable: bool, *, freeze_bn: bool = True) -> None:
+        """Freeze or unfreeze the backbone. With `freeze_bn`, BatchNorm stays in inference mode."""
+        for p in self.backbone.parameters():
+            p.requires_grad_(trainable)
+        self.train()
+        if not trainable:
+            self.backbone.eval()
+        elif freeze_bn:
+            for m in self.backbone.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()

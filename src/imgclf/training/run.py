@@ -1,0 +1,255 @@
+"""`train`: data -> backbone -> head fit (probe) -> fine-tuning -> evaluation -> bundle."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from imgclf.backbones import Backbone, create_backbone
+from imgclf.bundle import Model, library_versions
+from imgclf.config import TrainConfig, resolve_config, save_yaml
+from imgclf.data.pipeline import ImageStore, Preprocessing
+from imgclf.data.sources import Dataset, ImageSet, load_dataset, stratified_split
+from imgclf.errors import ConfigError
+from imgclf.evaluation import classification_metrics, plot_confusion
+from imgclf.model import ImageClassifier
+from imgclf.progress import log
+from imgclf.runtime import FrozenForward, compute_dtype, pick_device
+from imgclf.training.finetune import evaluate_store, fit
+from imgclf.training.probe import fit_probe, run_frozen
+
+DEFAULT_FINETUNE_EPOCHS = 5  # with early stopping on val accuracy (patience 3)
+MIN_IMAGE_SIZE = 96  # below this lite0/ResNet final feature maps are 3x3 or smaller
+MAX_UPSAMPLE = 5  # small images are enlarged at most 5x: beyond that it adds compute, not detail
+CPU_FINETUNE_MAX_SIZE = 128  # fine-tuning cost grows with pixels; on a CPU cap the default here
+
+
+def median_short_side(images: ImageSet, sample: int = 64, seed: int = 0) -> int | None:
+    """Median shorter side of up to `sample` training images (header reads only, no decode)."""
+    if images.arrays is not None:
+        return int(min(images.arrays.shape[1:3]))
+    if not len(images):
+        return None
+    rng = np.random.default_rng(seed)
+    picks = rng.choice(len(images), size=min(sample, len(images)), replace=False)
+    sides = []
+    for i in picks:
+        try:
+            with Image.open(images.paths[i]) as img:
+                sides.append(min(img.size))
+        except Exception:  # unreadable files are reported by the decoder later
+            continue
+    return int(np.median(sides)) if sides else None
+
+
+def choose_image_size(native: int, median_side: int | None, recipe: str, device: torch.device) -> int:
+    """The default input side: the backbone's native size, reduced for small images and CPU fine-tuning.
+
+    Example:
+        >>> choose_image_size(224, 32, "probe", torch.device("cpu"))
+        160
+        >>> choose_image_size(224, 800, "finetune", torch.device("cpu"))
+        128
+    """
+    size = native
+    if recipe == "finetune" and device.type == "cpu":
+        size = min(size, CPU_FINETUNE_MAX_SIZE)
+    if median_side is not None and median_side * MAX_UPSAMPLE < size:
+        size = max(MIN_IMAGE_SIZE, 32 * round(median_side * MAX_UPSAMPLE / 32))
+    return int(size)
+
+
+def memory_budget(fraction: float) -> int:
+    """Bytes of RAM that decoded images may take: `fraction` of what is available now."""
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        available = 8 * 2**30
+    return int(available * fraction)
+
+
+def _store(images: ImageSet, prep: Preprocessing, cfg: TrainConfig, budget: int, name: str) -> ImageStore:
+    store = ImageStore(images, prep, memory_budget=budget, workers=cfg.workers, description=f"decode {name}")
+    mode = "in memory" if store.in_memory else "streamed from disk"
+    log(f"{name}: {len(store)} images at {prep.image_size} px, {mode}")
+    return store
+
+
+def _metrics(
+    model: ImageClassifier, store: ImageStore, classes: list[str], cfg: TrainConfig, device: torch.device
+) -> dict[str, Any]:
+    _, _, probs, labels = evaluate_store(
+        model, store, batch_size=cfg.batch_size, device=device, precision=cfg.precision
+    )
+    return classification_metrics(probs, labels, classes)
+
+
+def train(config: TrainConfig | None = None, **overrides: Any) -> Model:
+    """Train a classifier and write its bundle to `config.out`.
+
+    Args:
+        config: a full configuration; or pass its fields as keyword arguments.
+        **overrides: fields of `TrainConfig` that replace those of `config`.
+
+    Returns:
+        The trained `Model`, already saved.
+
+    Example:
+        >>> model = imgclf.train(data="photos/", out="runs/photos", recipe="probe")  # doctest: +SKIP
+        >>> model.meta["metrics"]["val"]["accuracy"]  # doctest: +SKIP
+        0.93
+    """
+    if config is None:
+        cfg = resolve_config(**overrides)
+    else:
+        cfg = dataclasses.replace(config, **overrides) if overrides else config
+    if not cfg.data or not cfg.out:
+        raise ConfigError("train needs both data and out", fix="imgclf train DATA --out DIR")
+    started = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {cfg.out!r} is a file", fix="pass a folder path for the bundle")
+
+    dataset = load_dataset(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    for warning in dataset.warnings:
+        log(f"warning: {warning}")
+    test_count = len(dataset.test) if dataset.test is not None else 0
+    log(
+        f"data: {dataset.source}, {len(dataset.classes)} classes; train {len(dataset.train)}, "
+        f"val {len(dataset.val)}{' (held out from train)' if dataset.val_from_train else ''}, test {test_count}"
+    )
+    device = pick_device(cfg.device)
+    dtype = compute_dtype(device, cfg.precision)
+    backbone = create_backbone(cfg.backbone, weights=cfg.weights, random_init=cfg.random_init)
+    log(f"backbone: {cfg.backbone}, {backbone.num_features} features, weights: {backbone.weights_source}")
+    prep = _preprocessing(backbone, dataset, cfg, device)
+    log(f"input: {prep.image_size} px, {prep.interpolation}, mean {prep.mean}, std {prep.std}; "
+        f"device {device}, {str(dtype).replace('torch.', '')}")
+
+    model, probe_info, history, stores = _fit(backbone, dataset, prep, cfg, device, dtype)
+    metrics = {"val": _metrics(model, stores["val"], dataset.classes, cfg, device)}
+    if "test" in stores:
+        metrics["test"] = _metrics(model, stores["test"], dataset.classes, cfg, device)
+    skipped = [{"path": p, "reason": r} for s in stores.values() for p, r in s.failed]
+    meta = {
+        "backbone": {
+            "name": cfg.backbone,
+            "timm_name": backbone.entry.timm_name,
+            "weights_source": backbone.weights_source,
+            "num_features": backbone.num_features,
+        },
+        "head": {"kind": "linear", "in_features": backbone.num_features, "num_classes": len(dataset.classes)},
+        "recipe": cfg.recipe,
+        "config": cfg.to_dict(),
+        "data": dataset.summary(),
+        "metrics": metrics,
+        "probe": probe_info,
+        "history": history,
+        "skipped_files": skipped,
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "hardware": {"device": str(device), "dtype": str(dtype), "cpu": platform.processor() or platform.machine(),
+                     "threads": torch.get_num_threads()},
+        "versions": library_versions(),
+    }
+    trained = Model(model, dataset.classes, prep, meta)
+    trained.save(out)
+    save_yaml(cfg, out / "config.yaml")
+    (out / "history.json").write_text(json.dumps(history, indent=2), encoding="utf-8")
+    for split, values in metrics.items():
+        plot_confusion(values["confusion_matrix"], dataset.classes, out / f"confusion_{split}.png",
+                       f"{split}: accuracy {values['accuracy']:.3f}")
+    if skipped:
+        (out / "skipped_files.txt").write_text(
+            "".join(f"{s['path']}\t{s['reason']}\n" for s in skipped), encoding="utf-8"
+        )
+        log(f"warning: skipped {len(skipped)} unreadable file(s); list in {out / 'skipped_files.txt'}")
+    summary = ", ".join(f"{k} accuracy {v['accuracy']:.4f}" for k, v in metrics.items())
+    log(f"done in {meta['wall_seconds']:.0f} s: {summary}; bundle in {out}")
+    return trained
+
+
+def _preprocessing(backbone: Backbone, dataset: Dataset, cfg: TrainConfig, device: torch.device) -> Preprocessing:
+    config = backbone.data_config
+    size = cfg.image_size or choose_image_size(
+        int(config["input_size"][-1]), median_short_side(dataset.train, seed=cfg.seed), cfg.recipe, device
+    )
+    return Preprocessing(
+        image_size=size,
+        mean=tuple(float(v) for v in config["mean"]),  # type: ignore[arg-type]
+        std=tuple(float(v) for v in config["std"]),  # type: ignore[arg-type]
+        interpolation=str(config.get("interpolation", "bicubic")),
+    )
+
+
+def _fit(
+    backbone: Backbone,
+    dataset: Dataset,
+    prep: Preprocessing,
+    cfg: TrainConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> tuple[ImageClassifier, dict[str, Any], list[dict[str, Any]], dict[str, ImageStore]]:
+    """Fit the head on frozen features, then (finetune) train the whole network."""
+    budget = memory_budget(cfg.memory_fraction)
+    finetune = cfg.recipe == "finetune"
+    # The probe reads every image once, so streaming costs nothing extra; fine-tuning re-reads
+    # train and val every epoch, so those are kept decoded in memory when they fit.
+    stores = {
+        "train": _store(dataset.train, prep, cfg, budget if finetune else 0, "train"),
+        "val": _store(dataset.val, prep, cfg, budget // 4 if finetune else 0, "val"),
+    }
+    if dataset.test is not None:
+        stores["test"] = _store(dataset.test, prep, cfg, 0, "test")
+    forward = FrozenForward(backbone.model, image_size=prep.image_size, device=device, precision=cfg.precision)
+    log(f"frozen forward runs on {forward.runtime}")
+    head_store = stores["train"]
+    if finetune and len(head_store) > cfg.head_fit_images:
+        fraction = cfg.head_fit_images / len(head_store)
+        _, subset = stratified_split(head_store.labels.numpy(), fraction, cfg.seed)
+        head_store = _SubsetStore(head_store, subset)
+    train_x, train_y = run_frozen(forward, head_store, batch_size=cfg.batch_size, desc="features train")
+    val_x, val_y = run_frozen(forward, stores["val"], batch_size=cfg.batch_size, desc="features val")
+    probe = fit_probe(train_x, train_y, val_x, val_y, len(dataset.classes), cfg.probe_l2)
+    log(f"linear probe: val accuracy {probe.val_accuracy:.4f} (L2 {probe.l2:g}; "
+        + ", ".join(f"{k:g}: {v:.3f}" for k, v in sorted(probe.scores.items())) + ")")
+    model = ImageClassifier(backbone.model, probe.head)
+    probe_info = {"l2": probe.l2, "val_accuracy": probe.val_accuracy,
+                  "scores": {f"{k:g}": v for k, v in probe.scores.items()}, "images": len(train_y)}
+    history: list[dict[str, Any]] = []
+    if finetune:
+        epochs = DEFAULT_FINETUNE_EPOCHS if cfg.epochs is None else cfg.epochs
+        result = fit(model, stores["train"], stores["val"], cfg, epochs=epochs, device=device, dtype=dtype)
+        history = result.history
+        if result.history:
+            log(f"best epoch {result.best_epoch}: val accuracy {result.best_val_accuracy:.4f}")
+    return model.cpu().eval(), probe_info, history, stores
+
+
+class _SubsetStore(ImageStore):
+    """A view of some images of an in-memory or streamed store, without decoding them again."""
+
+    def __init__(self, parent: ImageStore, positions: np.ndarray) -> None:  # noqa: D107
+        self.parent = parent
+        self.positions = np.asarray(positions, dtype=np.int64)
+        self.prep = parent.prep
+        self.failed = parent.failed
+        self.in_memory = parent.in_memory
+        self.labels = parent.labels[torch.from_numpy(self.positions)]
+        self._lookup = {int(p): i for i, p in enumerate(self.positions)}
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def batches(self, order: np.ndarray, batch_size: int):  # type: ignore[no-untyped-def]
+        for indices, batch in self.parent.batches(self.positions[order], batch_size):
+            yield np.asarray([self._lookup[int(p)] for p in indices], dtype=np.int64), batch
