@@ -241,16 +241,16 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], *, by_position: 
         source_items = [(k, v) for k, v in state.items() if not k.endswith("num_batches_tracked")]
         target_items = list(target.items())
         if len(source_items) >= len(target_items) and all(
-            sv.shape == tv.shape for (_, sv), (_, tv) in zip(source_items, target_items)
+            sv.shape == tv.shape for (_, sv), (_, tv) in zip(source_items, target_items, strict=False)
         ):
             model.load_state_dict(
-                {tk: sv for (tk, _), (_, sv) in zip(target_items, source_items)}, strict=False
+                {tk: sv for (tk, _), (_, sv) in zip(target_items, source_items, strict=False)}, strict=False
             )
             return
         first = next(
             (
                 f"{sk} {tuple(sv.shape)} vs {tk} {tuple(tv.shape)}"
-                for (sk, sv), (tk, tv) in zip(source_items, target_items)
+                for (sk, sv), (tk, tv) in zip(source_items, target_items, strict=False)
                 if sv.shape != tv.shape
             ),
             f"{len(source_items)} tensors for {len(target_items)}",
