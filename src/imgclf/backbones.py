@@ -104,7 +104,8 @@ def resolve_backbone(name: str) -> BackboneEntry:
     arch = name.split(".", 1)[0]
     if timm.is_model(arch):
         return BackboneEntry(name=name, timm_name=name, summary="timm model")
-    candidates = list(_REGISTRY) + timm.list_models()
+    # Curated names first, so that they lead the suggestions when equally close.
+    candidates = list(dict.fromkeys(list(_REGISTRY) + timm.list_models()))
     close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.6)
     raise BackboneError(
         f"unknown backbone {name!r}",
@@ -274,7 +275,13 @@ class Backbone:
 
     @property
     def num_features(self) -> int:
-        return int(self.model.num_features)  # type: ignore[arg-type]
+        """Width of the pooled features the headless model returns.
+
+        timm's `num_features` is the width before any pre-logits layer; models that have one
+        (MobileNetV3, VGG) return `head_hidden_size` features instead.
+        """
+        width = getattr(self.model, "head_hidden_size", None) or self.model.num_features
+        return int(width)  # type: ignore[arg-type]
 
 
 def create_backbone(

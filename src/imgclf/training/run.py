@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from imgclf.backbones import Backbone, create_backbone
+from imgclf.backbones import Backbone, create_backbone, resolve_backbone
 from imgclf.bundle import Model, library_versions
 from imgclf.config import TrainConfig, resolve_config, save_yaml
 from imgclf.data.pipeline import ImageStore, Preprocessing
@@ -110,6 +110,7 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> Model:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {cfg.out!r} is a file", fix="pass a folder path for the bundle")
+    resolve_backbone(cfg.backbone)  # a typo in the name fails now, not after reading the data
 
     dataset = load_dataset(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
     for warning in dataset.warnings:
