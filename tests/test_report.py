@@ -102,7 +102,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     data = _split_folders(root / "data")
     out = root / "model"
     imgclf.train(data=str(data), out=str(out), backbone=TINY_BACKBONE, random_init=True, recipe="finetune",
-                 epochs=2, image_size=32, batch_size=16)
+                 epochs=1, image_size=32, batch_size=16)
     auto_report = (out / "report" / "report.html").is_file()
     assert main(["report", str(out), "--tta", "--out", str(root / "report_tta"), "--runtime", "torch"]) == 0
     return {"root": root, "data": data, "bundle": out, "report": root / "report_tta", "auto_report": auto_report}
@@ -197,9 +197,9 @@ def test_temperature_is_stored_and_used_by_predict(run: dict[str, Any]) -> None:
     assert bundle["temperature"] == metrics["calibration"]["temperature"]
     model = imgclf.load(run["bundle"])
     image = next((run["data"] / "test" / "class_2").glob("*.png"))
-    before = model.predict([str(image)], top_k=1)[0].probability
+    before = model.predict([str(image)], top_k=1, runtime="torch")[0].probability
     model.meta["temperature"] = 25.0  # much softer
-    after = model.predict([str(image)], top_k=1)[0].probability
+    after = model.predict([str(image)], top_k=1, runtime="torch")[0].probability
     assert after is not None and before is not None and after < before
 
 

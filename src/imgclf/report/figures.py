@@ -59,30 +59,34 @@ def plot_reliability(
 ) -> Path:
     """Reliability diagrams before and after temperature scaling, side by side, as one PNG.
 
-    Bars are the accuracy of each confidence bin; the diagonal is perfect calibration; the red
-    part is the gap. Bin counts are shown as a faint histogram.
+    Blue bars are the accuracy of each confidence bin, dots its mean confidence, the hatched part
+    the gap between them; the diagonal is perfect calibration. Each bin is labelled with its count.
     """
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.4), dpi=100, sharey=True)
-    total = max(1, sum(r["count"] for r in before))
     titles = (f"before: ECE {ece_before:.4f}", f"after T = {temperature:.3g}: ECE {ece_after:.4f}")
     for ax, rows, title in zip(axes, (before, after), titles, strict=True):
+        filled = [r for r in rows if r["count"]]
         width = rows[0]["upper"] - rows[0]["lower"]
-        centres = [(r["lower"] + r["upper"]) / 2 for r in rows]
-        accuracy = [r["accuracy"] or 0.0 for r in rows]
-        confidence = [r["confidence"] if r["count"] else c for r, c in zip(rows, centres, strict=True)]
-        ax.bar(centres, [r["count"] / total for r in rows], width=width, color="lightgrey", label="share of images")
+        centres = [(r["lower"] + r["upper"]) / 2 for r in filled]
+        accuracy = [r["accuracy"] for r in filled]
+        confidence = [r["confidence"] for r in filled]
         ax.bar(centres, accuracy, width=width * 0.9, color="tab:blue", edgecolor="black", label="accuracy")
-        gaps = [c - a if r["count"] else 0.0 for r, c, a in zip(rows, confidence, accuracy, strict=True)]
-        ax.bar(centres, gaps, bottom=accuracy, width=width * 0.9, color="tab:red", alpha=0.35, label="gap")
+        ax.bar(centres, [abs(c - a) for c, a in zip(confidence, accuracy, strict=True)],
+               bottom=[min(c, a) for c, a in zip(confidence, accuracy, strict=True)], width=width * 0.9,
+               fill=False, hatch="///", edgecolor="tab:red", label="gap")
+        ax.plot(centres, confidence, "o", color="black", markersize=3, label="mean confidence")
+        for x, r in zip(centres, filled, strict=True):
+            ax.text(x, 1.01, str(r["count"]), ha="center", va="bottom", fontsize=7, color="dimgray")
         ax.plot([0, 1], [0, 1], "k--", linewidth=1)
         ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
-        ax.set_xlabel("confidence (top probability)")
-        ax.set_title(title)
+        ax.set_ylim(0, 1.08)
+        ax.set_xlabel("confidence (top probability); images per bin on top")
+        ax.set_title(title, pad=14)
     axes[0].set_ylabel("accuracy")
-    axes[0].legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))  # leave the bottom 5% for the legend
     path = Path(path)
     fig.savefig(path)
     plt.close(fig)

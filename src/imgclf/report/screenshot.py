@@ -53,6 +53,9 @@ def take_screenshot(html: str | Path, png: str | Path, *, width: int = 1280, ful
             "a screenshot needs Playwright, which is not installed",
             fix="pip install playwright; and apt-get install chromium (or: playwright install chromium)",
         ) from None
+    html = Path(html)
+    if not html.is_file():
+        raise ImgclfError(f"no report page at {str(html)!r}", fix="write it first: imgclf report DIR")
     png = Path(png)
     png.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -67,6 +70,6 @@ def take_screenshot(html: str | Path, png: str | Path, *, width: int = 1280, ful
     except PlaywrightError as exc:
         raise ImgclfError(
             f"headless Chromium could not take the screenshot: {str(exc).splitlines()[0]}",
-            fix="apt-get install chromium, or set IMGCLF_CHROMIUM to a Chromium binary",
+            fix="if Chromium is missing: apt-get install chromium, or set IMGCLF_CHROMIUM to a Chromium binary",
         ) from None
     return png
