@@ -102,8 +102,8 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
         >>> rng = np.random.default_rng(0)
         >>> z = rng.normal(size=(2000, 4)) * 2
         >>> y = np.array([rng.choice(4, p=p) for p in softmax(z)])
-        >>> round(fit_temperature(3 * z, y), 1)  # logits made 3x too confident
-        3.0
+        >>> 2.7 < fit_temperature(3 * z, y) < 3.3  # logits made 3x too confident
+        True
     """
     if len(labels) == 0:
         return 1.0

@@ -167,14 +167,14 @@ def _section_run(report: dict[str, Any]) -> str:
     parts = [_open("run"), "<h3>Data</h3>"]
     if counts:
         head = "".join(f"<th>{esc(s)}</th>" for s in splits)
-        rows = "".join(
+        body = "".join(
             f"<tr><td>{esc(c)}</td>"
             + "".join(f"<td>{number(counts[s].get(c, 0), ['run', 'data', 'counts', s, c])}</td>" for s in splits)
             + "</tr>"
             for c in classes
         )
         total = "".join(f"<td>{sum(counts[s].values())}</td>" for s in splits)
-        parts.append(f"<table><tr><th>class</th>{head}</tr>{rows}<tr class='total'><td>total</td>{total}</tr></table>")
+        parts.append(f"<table><tr><th>class</th>{head}</tr>{body}<tr class='total'><td>total</td>{total}</tr></table>")
     source = esc(data.get("source", "?"))
     held = " Validation was held out from train (stratified)." if data.get("val_from_train") else ""
     parts.append(f'<p class="note">Source: {source}.{held}</p>')
