@@ -41,18 +41,26 @@ class ProbeResult:
 
 
 def fit_logistic(
-    features: torch.Tensor, labels: torch.Tensor, num_classes: int, *, l2: float, max_iter: int = 300
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    *,
+    l2: float,
+    max_iter: int = 300,
+    class_weight: torch.Tensor | None = None,
 ) -> nn.Linear:
     """Multinomial logistic regression with L2 penalty, fitted by full-batch L-BFGS.
 
     Features are standardised for conditioning; the scaling is folded back into the returned
-    layer, so it applies to raw features.
+    layer, so it applies to raw features. `class_weight` (C values) weights each image's
+    cross-entropy by its class, e.g. `balanced_class_weights` for skewed classes.
     """
     x = features.double()
     mean = x.mean(0)
     std = x.std(0).clamp_min(1e-6)
     z = (x - mean) / std
     y = labels.long()
+    weight_per_class = None if class_weight is None else class_weight.double()
     weight = torch.zeros(num_classes, x.shape[1], dtype=torch.float64, requires_grad=True)
     bias = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.LBFGS(
@@ -61,7 +69,8 @@ def fit_logistic(
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        loss = nn.functional.cross_entropy(z @ weight.T + bias, y) + 0.5 * l2 * weight.pow(2).sum()
+        loss = nn.functional.cross_entropy(z @ weight.T + bias, y, weight=weight_per_class)
+        loss = loss + 0.5 * l2 * weight.pow(2).sum()
         loss.backward()
         return loss
 
@@ -81,17 +90,24 @@ def fit_probe(
     val_y: torch.Tensor,
     num_classes: int,
     l2_grid: list[float],
+    *,
+    class_weight: torch.Tensor | None = None,
 ) -> ProbeResult:
     """Fit one head per L2 strength and keep the one with the best validation accuracy.
 
-    Ties go to the stronger penalty (the simpler model).
+    Ties go to the stronger penalty (the simpler model). With `class_weight` (balanced training)
+    the loss is class-weighted and the L2 strength is chosen by balanced accuracy instead.
     """
     best: ProbeResult | None = None
     scores: dict[float, float] = {}
     for l2 in sorted(l2_grid, reverse=True):
-        head = fit_logistic(train_x, train_y, num_classes, l2=l2)
+        head = fit_logistic(train_x, train_y, num_classes, l2=l2, class_weight=class_weight)
         with torch.no_grad():
-            acc = float((head(val_x).argmax(1) == val_y).float().mean()) if len(val_y) else 0.0
+            correct = (head(val_x).argmax(1) == val_y).float() if len(val_y) else torch.zeros(0)
+        if class_weight is not None and len(val_y):  # balanced accuracy: mean recall over classes
+            acc = float(torch.stack([correct[val_y == c].mean() for c in val_y.unique()]).mean())
+        else:
+            acc = float(correct.mean()) if len(val_y) else 0.0
         scores[l2] = acc
         if best is None or acc > best.val_accuracy:
             best = ProbeResult(head=head, l2=l2, val_accuracy=acc, scores=scores)
