@@ -51,7 +51,7 @@ from imgclf.errors import DataError
 from imgclf.progress import log, progress
 
 NEAR_BITS = 5  # near duplicates: dHashes differ in at most this many of their 64 bits ...
-NEAR_COLOUR = 16.0  # ... and their 4 x 4 colour thumbnails by at most this mean (0..255 levels)
+NEAR_COLOUR = 8.0  # ... and their 4 x 4 colour thumbnails by at most this mean (0..255 levels)
 IMBALANCE_RATIO = 3.0  # largest / smallest class at or above this is reported as imbalanced
 HASH_SIDE = 64  # px: JPEGs are decoded at reduced scale down to this for hashing (draft mode)
 _CHUNK = 1 << 20  # bytes read at a time for the content hash

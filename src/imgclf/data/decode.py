@@ -8,8 +8,8 @@ picture). Its guards, in the order they run:
 2. Only an allowlist of formats is identified (`ALLOWED_FORMATS`); the others, EPS (which runs
    Ghostscript) among them, are never handed to a plugin.
 3. Decompression bombs: an image with more than `MAX_IMAGE_PIXELS` pixels is refused from its
-   header, before any pixel memory is allocated. Pillow's bomb *warning* is also turned into an
-   error, and the limit is never `None`.
+   header, before any pixel memory is allocated. Pillow's bomb *warning* is turned into an error,
+   and the limit is never `None`; the header check holds even if someone sets it to None.
 4. Animated or multi-page images decode their first frame; `DecodedImage.animated` says so, so
    callers can count them.
 5. EXIF orientation is applied (a corrupt EXIF block leaves the pixels as stored).
@@ -29,6 +29,7 @@ import io
 import os
 import stat
 import struct
+import threading
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -47,10 +48,13 @@ BACKGROUND = (255, 255, 255)  # transparent pixels are composited onto white
 # The most pixels one image may have: 2x Pillow's default warning limit, which is where Pillow
 # itself refuses by default. ~179 MP is a 16k x 11k scan; 537 MB as 8-bit RGB.
 MAX_IMAGE_PIXELS = 178_956_970
-# Pillow warns above its limit and refuses above twice it. We set its limit to ours and treat the
-# warning as an error, so the effective limit is ours. Never None: None would disable the guard.
+# Pillow warns above its limit and refuses above twice it. We set its limit to ours and turn the
+# warning into an error while opening, so the effective limit is ours. Never None: None would
+# disable Pillow's guard (ours, from the header, holds regardless).
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
-warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
+# `warnings.catch_warnings` swaps process-wide state, so threads take turns to open (parse the
+# header: microseconds). Decoding the pixels, the expensive part, runs outside the lock.
+_OPEN_LOCK = threading.Lock()
 Image.init()  # register every plugin now, so the allowlist below can be checked against them
 _OPEN_FORMATS = sorted(f for f in ALLOWED_FORMATS if f in Image.OPEN)
 # What Pillow's plugins raise for truncated or corrupt data. Anything else propagates.
@@ -191,7 +195,10 @@ def _check_regular_file(path: Path, name: str) -> None:
 
 def _decode(handle: BinaryIO, name: str, draft_size: int | None) -> DecodedImage:
     try:
-        with Image.open(handle, formats=_OPEN_FORMATS) as img:
+        with _OPEN_LOCK, warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(handle, formats=_OPEN_FORMATS)
+        with img:
             return _decode_opened(img, name, draft_size)
     except UnreadableImageError:
         raise
