@@ -257,11 +257,12 @@ def near_duplicate_groups(
         >>> near_duplicate_groups([])
         []
     """
-    usable = [i for i, r in enumerate(results) if r.dhash is not None]
-    if len(usable) < 2:
+    hashed = [(i, r.dhash, r.thumb) for i, r in enumerate(results) if r.dhash is not None and r.thumb is not None]
+    if len(hashed) < 2:
         return []
-    hashes = np.asarray([results[i].dhash for i in usable], dtype=np.uint64)
-    thumbs = np.stack([results[i].thumb for i in usable]).reshape(len(usable), -1).astype(np.float32)
+    usable = [i for i, _, _ in hashed]
+    hashes = np.asarray([h for _, h, _ in hashed], dtype=np.uint64)
+    thumbs = np.stack([t for _, _, t in hashed]).reshape(len(hashed), -1).astype(np.float32)
     parent = list(range(len(usable)))
 
     def find(i: int) -> int:
@@ -412,7 +413,17 @@ class CheckReport:
         totals = self.class_totals()
         if any(n == 0 for n in totals.values()):
             found.append("classes with no usable images")
+        if self.missing_from_train():
+            found.append("classes in val/test without training images")
         return found
+
+    def missing_from_train(self) -> list[str]:
+        """Classes with usable val or test images but none in train (training refuses those)."""
+        counts = self.counts()
+        if "train" not in counts:
+            return []
+        others = [s for s in counts if s != "train"]
+        return [c for c, n in counts["train"].items() if n == 0 and any(counts[s][c] for s in others)]
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form of the report.
@@ -439,6 +450,7 @@ class CheckReport:
             "empty_classes": sorted({c for c, n in totals.items() if n == 0}),
             "empty_class_folders": [{"split": s, "class": c} for s, c in self.empty_classes],
             "single_image_classes": sorted(c for c, n in totals.items() if n == 1),
+            "classes_missing_from_train": self.missing_from_train(),
             "imbalance": self.imbalance(),
             "image_sizes": self.size_distribution(),
             "formats": dict(Counter(r.format for r in usable).most_common()),
@@ -479,6 +491,8 @@ class CheckReport:
                          f"{imb['smallest']['class']} {imb['smallest']['images']} = {imb['ratio']}{flag}")
         if d["empty_classes"]:
             lines.append(f"  classes with no usable images: {', '.join(d['empty_classes'])}")
+        if d["classes_missing_from_train"]:
+            lines.append(f"  classes in val/test with no training images: {', '.join(d['classes_missing_from_train'])}")
         if d["single_image_classes"]:
             lines.append(f"  classes with a single image: {', '.join(d['single_image_classes'])}")
         sizes = d["image_sizes"]
