@@ -110,7 +110,7 @@ def discover(data: str) -> Discovery:
 
     Example:
         >>> found = discover("photos/")  # doctest: +SKIP
-        >>> found.entries[0].split, found.entries[0].label
+        >>> found.entries[0].split, found.entries[0].label  # doctest: +SKIP
         ('all', 'cat')
     """
     from imgclf.data import cifar

@@ -135,7 +135,7 @@ def open_image(source: ImageSource, *, draft_size: int | None = None) -> Image.I
 
     Example:
         >>> img = open_image("cat.jpg")  # doctest: +SKIP
-        >>> img.mode
+        >>> img.mode  # doctest: +SKIP
         'RGB'
     """
     return decode_image(source, draft_size=draft_size).image
@@ -157,7 +157,7 @@ def decode_image(
 
     Example:
         >>> decoded = decode_image("scan.png")  # doctest: +SKIP
-        >>> decoded.mode, decoded.image.mode
+        >>> decoded.mode, decoded.image.mode  # doctest: +SKIP
         ('I;16', 'RGB')
     """
     if name is None:
