@@ -27,6 +27,7 @@ from __future__ import annotations
 import errno
 import io
 import os
+import re
 import stat
 import struct
 import threading
@@ -203,7 +204,9 @@ def _decode(handle: BinaryIO, name: str, draft_size: int | None) -> DecodedImage
     except UnreadableImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise UnreadableImageError(name, f"too many pixels (decompression-bomb guard): {exc}") from None
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        pixels = f"{int(found.group(1))} pixels" if found else str(exc)
+        raise UnreadableImageError(name, _bomb_reason(pixels)) from None
     except Image.UnidentifiedImageError:
         raise UnreadableImageError(name, _not_an_image_reason(handle)) from None
     except KNOWN_DECODE_ERRORS as exc:
@@ -220,11 +223,7 @@ def _decode_opened(img: Image.Image, name: str, draft_size: int | None) -> Decod
         raise UnreadableImageError(name, f"image has no pixels ({width} x {height})")
     if width * height > MAX_IMAGE_PIXELS:
         # Checked here too so the guard holds whatever warning filters or Pillow limit are active.
-        raise UnreadableImageError(
-            name,
-            f"too many pixels (decompression-bomb guard): {width} x {height} = {width * height} "
-            f"pixels, limit {MAX_IMAGE_PIXELS}",
-        )
+        raise UnreadableImageError(name, _bomb_reason(f"{width} x {height} = {width * height} pixels"))
     fmt, mode = str(img.format), img.mode
     if draft_size and fmt in ("JPEG", "MPO"):
         img.draft("RGB", (draft_size, draft_size))
@@ -243,6 +242,10 @@ def _decode_opened(img: Image.Image, name: str, draft_size: int | None) -> Decod
         animated=_is_animated(img),
         exif_rotated=orientation in _TRANSPOSE,
     )
+
+
+def _bomb_reason(pixels: str) -> str:
+    return f"too many pixels (decompression-bomb guard): {pixels}, limit {MAX_IMAGE_PIXELS}"
 
 
 def _orientation(img: Image.Image) -> int:
