@@ -60,7 +60,7 @@ class TrainConfig:
     balance: bool = False  # weight the loss by 1 / class frequency (probe and fine-tuning) for skewed classes
 
     # probe: a multinomial logistic regression on frozen features; L2 strength picked on val.
-    probe_l2: list[float] = field(default_factory=lambda: [1e-5, 1e-4, 1e-3, 1e-2])
+    probe_l2: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 3e-2, 1e-1])
 
     precision: Precision = "auto"  # auto = bf16 where the CPU/GPU runs it natively
     device: str = "auto"  # auto, cpu, cuda, cuda:N
