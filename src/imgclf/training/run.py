@@ -172,6 +172,9 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> Model:
             "".join(f"{s['path']}\t{s['reason']}\n" for s in skipped), encoding="utf-8", errors="surrogateescape"
         )
         log(f"warning: skipped {len(skipped)} unreadable file(s); list in {out / 'skipped_files.txt'}")
+    from imgclf.report.build import report_after_training
+
+    report_after_training(trained, dataset, out, stores=stores, batch_size=cfg.batch_size, device=cfg.device)
     summary = ", ".join(f"{k} accuracy {v['accuracy']:.4f}" for k, v in metrics.items())
     log(f"done in {meta['wall_seconds']:.0f} s: {summary}; bundle in {out}")
     return trained
