@@ -41,6 +41,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"])
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--workers", type=int, help="decode threads (default: one per core)")
+    p.add_argument("--max-bad-fraction", type=float,
+                   help="stop when more than this share of files is unreadable (default 0.05)")
+    p.add_argument("--balance", action="store_true", default=None,
+                   help="class-weighted loss (probe and fine-tuning) for skewed classes")
     p.set_defaults(handler=cmd_train)
 
 
@@ -54,16 +58,39 @@ def cmd_train(args: argparse.Namespace) -> int:
         for k in (
             "data", "out", "backbone", "recipe", "epochs", "image_size", "batch_size", "seed",
             "weights", "random_init", "val_fraction", "lr", "augment", "flip", "patience",
-            "precision", "device", "workers",
+            "precision", "device", "workers", "max_bad_fraction", "balance",
         )
     }
     cfg = resolve_config(file_values, **flags)
     model = train(cfg)
     for split, values in model.meta["metrics"].items():
-        print(f"{split}: accuracy {values['accuracy']:.4f}, top-5 {values['top5_accuracy']:.4f}, "
+        # Skewed classes: lead with the metrics that the majority class cannot inflate.
+        lead = (f"balanced accuracy {values['balanced_accuracy']:.4f}, macro-F1 {values['macro_f1']:.4f} "
+                "(skewed classes); " if _imbalanced(values) else "")
+        print(f"{split}: {lead}accuracy {values['accuracy']:.4f}, top-5 {values['top5_accuracy']:.4f}, "
               f"macro-F1 {values['macro_f1']:.4f} ({values['num_images']} images)")
     print(f"bundle: {cfg.out}")
     return 0
+
+
+def _add_check(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("check", help="scan DATA: unreadable files, duplicates and leakage, class counts")
+    p.add_argument("data", metavar="DATA", help="class folders, split folders or a CSV manifest")
+    p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+    p.add_argument("--workers", type=int, default=0, help="decode threads (default: one per core)")
+    p.set_defaults(handler=cmd_check)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Exit 0 when the data looks clean, 1 when problems were found (2: DATA unusable as given)."""
+    from imgclf.data.check import check
+
+    report = check(args.data, workers=args.workers)
+    text = json.dumps(report.to_dict()) if args.json else report.format()
+    # Paths may hold characters the terminal cannot show (or undecodable bytes): escape those.
+    encoding = sys.stdout.encoding or "utf-8"
+    print(text.encode(encoding, "backslashreplace").decode(encoding))
+    return 1 if report.problems() else 0
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -235,7 +262,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 COMMANDS: Sequence[Callable[[argparse._SubParsersAction], None]] = (  # type: ignore[type-arg]
-    _add_train, _add_evaluate, _add_predict, _add_backbones, _add_demo, _add_report,
+    _add_train, _add_check, _add_evaluate, _add_predict, _add_backbones, _add_demo, _add_report,
 )
 
 

@@ -44,6 +44,7 @@ class TrainConfig:
     batch_size: int = 64  # images per optimizer step and per inference batch
     seed: int = 0
     val_fraction: float = 0.1  # share of train held out when no val split is given (stratified)
+    max_bad_fraction: float = 0.05  # stop before training when more than this share of files is unreadable
 
     # finetune: stage 1 fits the head on frozen features (a linear probe), stage 2 unfreezes.
     lr: float = 1e-3  # AdamW peak learning rate of the head, per batch of `batch_size`
@@ -56,6 +57,7 @@ class TrainConfig:
     augment: Literal["none", "light", "standard"] = "standard"  # batched random-resized crops
     flip: bool = True  # random horizontal flips; turn off for text, digits, left/right classes
     head_fit_images: int = 10000  # at most this many train images are used to fit the first head
+    balance: bool = False  # weight the loss by 1 / class frequency (probe and fine-tuning) for skewed classes
 
     # probe: a multinomial logistic regression on frozen features; L2 strength picked on val.
     probe_l2: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 3e-2, 1e-1])
@@ -97,6 +99,7 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.augment in ("none", "light", "standard"), "augment", "none, light or standard"),
         (cfg.workers >= 0, "workers", "an integer >= 0"),
         (0 < cfg.memory_fraction <= 0.9, "memory_fraction", "a fraction in (0, 0.9]"),
+        (0 <= cfg.max_bad_fraction <= 1, "max_bad_fraction", "a fraction in [0, 1]"),
     ]
     for ok, name, expected in checks:
         if not ok:

@@ -26,6 +26,7 @@ from imgclf.errors import ImgclfError
 from imgclf.model import ImageClassifier
 from imgclf.progress import log, progress
 from imgclf.runtime import FrozenForward, autocast
+from imgclf.training.balance import balanced_class_weights
 from imgclf.training.probe import run_frozen
 
 
@@ -154,7 +155,9 @@ def fit(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(total, max(1, int(cfg.warmup_fraction * total)))
     )
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    # --balance: weight each image by 1 / its class frequency, so small classes count as much.
+    weight = balanced_class_weights(train_store.labels, model.head.out_features).to(device) if cfg.balance else None
+    criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
     augment = Augmentation.named(cfg.augment, flip=cfg.flip)
     best_state: dict[str, torch.Tensor] | None = None
     since_best = 0

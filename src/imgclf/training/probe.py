@@ -48,17 +48,21 @@ def fit_logistic(
     l2: float,
     max_iter: int = 150,
     init: nn.Linear | None = None,
+    class_weight: torch.Tensor | None = None,
 ) -> nn.Linear:
     """Multinomial logistic regression with L2 penalty, fitted by full-batch L-BFGS.
 
     Features are standardised for conditioning; the scaling is folded back into the returned
     layer, so it applies to raw features. `init` (a layer from this function) warm-starts the fit.
+    `class_weight` (C values) weights each image's cross-entropy by its class, e.g.
+    `balanced_class_weights` for skewed classes.
     """
     x = features.float()
     mean = x.mean(0)
     std = x.std(0).clamp_min(1e-6)
     z = (x - mean) / std
     y = labels.long()
+    weight_per_class = None if class_weight is None else class_weight.float()
     weight = torch.zeros(num_classes, x.shape[1])
     bias = torch.zeros(num_classes)
     if init is not None:  # undo the folding: W_z = W * std, b_z = b + W @ mean
@@ -73,7 +77,8 @@ def fit_logistic(
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        loss = nn.functional.cross_entropy(z @ weight.T + bias, y) + 0.5 * l2 * weight.pow(2).sum()
+        loss = nn.functional.cross_entropy(z @ weight.T + bias, y, weight=weight_per_class)
+        loss = loss + 0.5 * l2 * weight.pow(2).sum()
         loss.backward()
         return loss
 
@@ -93,19 +98,26 @@ def fit_probe(
     val_y: torch.Tensor,
     num_classes: int,
     l2_grid: list[float],
+    *,
+    class_weight: torch.Tensor | None = None,
 ) -> ProbeResult:
     """Fit one head per L2 strength and keep the one with the best validation accuracy.
 
     Strengths are tried from strongest to weakest, each fit warm-started from the previous one.
-    Ties go to the stronger penalty (the simpler model).
+    Ties go to the stronger penalty (the simpler model). With `class_weight` (balanced training)
+    the loss is class-weighted and the L2 strength is chosen by balanced accuracy instead.
     """
     best: ProbeResult | None = None
     scores: dict[float, float] = {}
     head: nn.Linear | None = None
     for l2 in sorted(l2_grid, reverse=True):
-        head = fit_logistic(train_x, train_y, num_classes, l2=l2, init=head)
+        head = fit_logistic(train_x, train_y, num_classes, l2=l2, init=head, class_weight=class_weight)
         with torch.no_grad():
-            acc = float((head(val_x).argmax(1) == val_y).float().mean()) if len(val_y) else 0.0
+            correct = (head(val_x).argmax(1) == val_y).float() if len(val_y) else torch.zeros(0)
+        if class_weight is not None and len(val_y):  # balanced accuracy: mean recall over classes
+            acc = float(torch.stack([correct[val_y == c].mean() for c in val_y.unique()]).mean())
+        else:
+            acc = float(correct.mean()) if len(val_y) else 0.0
         scores[l2] = acc
         if best is None or acc > best.val_accuracy:
             best = ProbeResult(head=head, l2=l2, val_accuracy=acc, scores=scores)

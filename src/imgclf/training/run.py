@@ -17,6 +17,7 @@ from PIL import Image
 from imgclf.backbones import Backbone, create_backbone, resolve_backbone
 from imgclf.bundle import Model, library_versions
 from imgclf.config import TrainConfig, resolve_config, save_yaml
+from imgclf.data.check import preflight
 from imgclf.data.pipeline import ImageStore, Preprocessing
 from imgclf.data.sources import Dataset, ImageSet, load_dataset, stratified_split
 from imgclf.errors import ConfigError
@@ -24,6 +25,7 @@ from imgclf.evaluation import classification_metrics, plot_confusion
 from imgclf.model import ImageClassifier
 from imgclf.progress import log
 from imgclf.runtime import FrozenForward, compute_dtype, pick_device
+from imgclf.training.balance import balanced_class_weights
 from imgclf.training.finetune import evaluate_store, fit
 from imgclf.training.probe import fit_probe, run_frozen
 
@@ -113,6 +115,9 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> Model:
     resolve_backbone(cfg.backbone)  # a typo in the name fails now, not after reading the data
 
     dataset = load_dataset(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    # Decode every file once up front: unreadable ones are dropped (or too many stop the run) now,
+    # not discovered in epoch 7.
+    dataset, unreadable = preflight(dataset, max_bad_fraction=cfg.max_bad_fraction, workers=cfg.workers)
     for warning in dataset.warnings:
         log(f"warning: {warning}")
     test_count = len(dataset.test) if dataset.test is not None else 0
@@ -133,7 +138,7 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> Model:
         split: classification_metrics(probs, labels, dataset.classes)
         for split, (probs, labels) in predictions.items()
     }
-    skipped = [{"path": p, "reason": r} for s in stores.values() for p, r in s.failed]
+    skipped = unreadable + [{"path": p, "reason": r} for s in stores.values() for p, r in s.failed]
     meta = {
         "backbone": {
             "name": cfg.backbone,
@@ -163,7 +168,8 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> Model:
                        f"{split}: accuracy {values['accuracy']:.3f}")
     if skipped:
         (out / "skipped_files.txt").write_text(
-            "".join(f"{s['path']}\t{s['reason']}\n" for s in skipped), encoding="utf-8"
+            # surrogateescape: a file name that is not valid UTF-8 is written back as its own bytes
+            "".join(f"{s['path']}\t{s['reason']}\n" for s in skipped), encoding="utf-8", errors="surrogateescape"
         )
         log(f"warning: skipped {len(skipped)} unreadable file(s); list in {out / 'skipped_files.txt'}")
     from imgclf.report.build import report_after_training
@@ -225,7 +231,8 @@ def _fit(
         head_store = _SubsetStore(head_store, subset)
     train_x, train_y = run_frozen(forward, head_store, batch_size=cfg.batch_size, desc="features train")
     val_x, val_y = run_frozen(forward, stores["val"], batch_size=cfg.batch_size, desc="features val")
-    probe = fit_probe(train_x, train_y, val_x, val_y, len(dataset.classes), cfg.probe_l2)
+    weight = balanced_class_weights(train_y, len(dataset.classes)) if cfg.balance else None
+    probe = fit_probe(train_x, train_y, val_x, val_y, len(dataset.classes), cfg.probe_l2, class_weight=weight)
     log(f"linear probe: val accuracy {probe.val_accuracy:.4f} (L2 {probe.l2:g}; "
         + ", ".join(f"{k:g}: {v:.3f}" for k, v in sorted(probe.scores.items())) + ")")
     model = ImageClassifier(backbone.model, probe.head)
