@@ -26,6 +26,7 @@ from imgclf.progress import log
 from imgclf.runtime import FrozenForward, compute_dtype, pick_device
 from imgclf.training.finetune import evaluate_store, fit
 from imgclf.training.probe import fit_probe, run_frozen
+from imgclf.training.seed import DEFAULT_SEED_EPOCHS, build_seed_model, fit_seed, seed_meta, seed_setup
 
 DEFAULT_FINETUNE_EPOCHS = 5  # with early stopping on val accuracy (patience 3)
 MIN_IMAGE_SIZE = 96  # below this lite0/ResNet final feature maps are 3x3 or smaller
@@ -130,13 +131,17 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> Model:
     )
     device = pick_device(cfg.device)
     dtype = compute_dtype(device, cfg.precision)
-    backbone = create_backbone(cfg.backbone, weights=cfg.weights, random_init=cfg.random_init)
+    if cfg.recipe == "seed":
+        prep, backbone = seed_setup(cfg, median_short_side(dataset.train, seed=cfg.seed))
+    else:
+        backbone = create_backbone(cfg.backbone, weights=cfg.weights, random_init=cfg.random_init)
+        prep = _preprocessing(backbone, dataset, cfg, device)
     log(f"backbone: {cfg.backbone}, {backbone.num_features} features, weights: {backbone.weights_source}")
-    prep = _preprocessing(backbone, dataset, cfg, device)
     log(f"input: {prep.image_size} px, {prep.interpolation}, mean {prep.mean}, std {prep.std}; "
         f"device {device}, {str(dtype).replace('torch.', '')}")
 
-    model, probe_info, history, stores = _fit(backbone, dataset, prep, cfg, device, dtype)
+    deadline = started + 60 * cfg.max_minutes if cfg.max_minutes else None
+    model, probe_info, history, stores = _fit(backbone, dataset, prep, cfg, device, dtype, deadline)
     metrics = {"val": _metrics(model, stores["val"], dataset.classes, cfg, device)}
     if "test" in stores:
         metrics["test"] = _metrics(model, stores["test"], dataset.classes, cfg, device)
@@ -150,6 +155,8 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> Model:
         },
         "head": {"kind": "linear", "in_features": backbone.num_features, "num_classes": len(dataset.classes)},
         "recipe": cfg.recipe,
+        # The seed network's conv base and dense head replace the two entries above.
+        **(seed_meta(backbone, len(dataset.classes)) if cfg.recipe == "seed" else {}),
         "config": cfg.to_dict(),
         "data": dataset.summary(),
         "metrics": metrics,
@@ -198,10 +205,12 @@ def _fit(
     cfg: TrainConfig,
     device: torch.device,
     dtype: torch.dtype,
+    deadline: float | None = None,
 ) -> tuple[ImageClassifier, dict[str, Any], list[dict[str, Any]], dict[str, ImageStore]]:
-    """Fit the head on frozen features, then (finetune) train the whole network."""
+    """Fit the head on frozen features, then (finetune) train the whole network; or (seed) train
+    the article's network end to end."""
     budget = memory_budget(cfg.memory_fraction)
-    finetune = cfg.recipe == "finetune"
+    finetune = cfg.recipe in ("finetune", "seed")
     # The probe reads every image once, so streaming costs nothing extra; fine-tuning re-reads
     # train and val every epoch, so those are kept decoded in memory when they fit.
     stores = {
@@ -210,6 +219,12 @@ def _fit(
     }
     if dataset.test is not None:
         stores["test"] = _store(dataset.test, prep, cfg, 0, "test")
+    if cfg.recipe == "seed":
+        model = build_seed_model(backbone.model, backbone.num_features, len(dataset.classes))
+        epochs = DEFAULT_SEED_EPOCHS if cfg.epochs is None else cfg.epochs
+        history = fit_seed(model, stores["train"], stores["val"], cfg, epochs=epochs, device=device, dtype=dtype,
+                           deadline=deadline)
+        return model.cpu().eval(), {}, history, stores
     forward = FrozenForward(backbone.model, image_size=prep.image_size, device=device, precision=cfg.precision)
     log(f"frozen forward runs on {forward.runtime}")
     head_store = stores["train"]
@@ -228,7 +243,8 @@ def _fit(
     history: list[dict[str, Any]] = []
     if finetune:
         epochs = DEFAULT_FINETUNE_EPOCHS if cfg.epochs is None else cfg.epochs
-        result = fit(model, stores["train"], stores["val"], cfg, epochs=epochs, device=device, dtype=dtype)
+        result = fit(model, stores["train"], stores["val"], cfg, epochs=epochs, device=device, dtype=dtype,
+                     deadline=deadline)
         history = result.history
         if result.history:
             log(f"best epoch {result.best_epoch}: val accuracy {result.best_val_accuracy:.4f}")
