@@ -119,9 +119,8 @@ def _blocks(
             kind = type(layer).__name__
         rows.append((name, kind, layer, [layer], False))
     # The last Dense gives the class scores; softmax is applied by the loss and by predict.
-    last = max(i for i, r in enumerate(rows) if r[1].startswith("Dense") or r[1] == "Linear" or i == 0)
-    if rows[last][1] == "Dense":
-        rows[last] = (rows[last][0], "Dense, softmax", *rows[last][2:])
+    if len(rows) > 1 and rows[-1][1] == "Dense":
+        rows[-1] = (rows[-1][0], "Dense, softmax", *rows[-1][2:])
     return rows
 
 
