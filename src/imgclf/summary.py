@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from imgclf.conv_base import ConvBase
 from imgclf.errors import ConfigError
 from imgclf.model import ImageClassifier
 
@@ -93,12 +94,10 @@ def _blocks(
         for path, m in backbone.named_modules():
             if not list(m.children()):
                 rows.append((path, type(m).__name__, m, [m], True))
-    elif isinstance(getattr(backbone, "features", None), nn.Module) and isinstance(
-        getattr(backbone, "flatten", None), nn.Flatten
-    ):
-        # A ConvBase: Keras' `VGG19(include_top=False)` row, then its Flatten.
-        rows.append((backbone_name, "Functional", backbone.features, [backbone.features], True))  # type: ignore[list-item]
-        rows.append(("flatten", "Flatten", backbone.flatten, [backbone.flatten], True))  # type: ignore[list-item]
+    elif isinstance(backbone, ConvBase):
+        # Keras shows `VGG19(include_top=False)` as one row, then its Flatten.
+        rows.append((backbone_name, "Functional", backbone.features, [backbone.features], True))
+        rows.append(("flatten", "Flatten", backbone.flatten, [backbone.flatten], True))
     else:
         rows.append((backbone_name, type(backbone).__name__, backbone, [backbone], True))
     head_layers = list(model.head.children()) if isinstance(model.head, nn.Sequential) else [model.head]

@@ -222,9 +222,9 @@ def _fit(
     if cfg.recipe == "seed":
         model = build_seed_model(backbone.model, backbone.num_features, len(dataset.classes))
         epochs = DEFAULT_SEED_EPOCHS if cfg.epochs is None else cfg.epochs
-        history = fit_seed(model, stores["train"], stores["val"], cfg, epochs=epochs, device=device, dtype=dtype,
-                           deadline=deadline)
-        return model.cpu().eval(), {}, history, stores
+        seed_history = fit_seed(model, stores["train"], stores["val"], cfg, epochs=epochs, device=device,
+                                dtype=dtype, deadline=deadline)
+        return model.cpu().eval(), {}, seed_history, stores
     forward = FrozenForward(backbone.model, image_size=prep.image_size, device=device, precision=cfg.precision)
     log(f"frozen forward runs on {forward.runtime}")
     head_store = stores["train"]
