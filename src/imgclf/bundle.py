@@ -132,7 +132,14 @@ class Model:
         if not weights.is_file():
             raise BundleError(f"{str(folder)!r} has no {WEIGHTS_FILE}", fix="re-run imgclf train --out")
         try:
-            backbone = create_backbone(meta["backbone"]["timm_name"], pretrained=False)
+            if meta["backbone"].get("kind") == "conv_base":  # the seed recipe's flattened VGG conv layers
+                from imgclf.conv_base import create_conv_base
+
+                backbone = create_conv_base(
+                    meta["backbone"]["timm_name"], image_size=meta["preprocessing"]["image_size"], pretrained=False
+                )
+            else:
+                backbone = create_backbone(meta["backbone"]["timm_name"], pretrained=False)
             head = build_head(meta["head"])
         except KeyError as exc:
             raise BundleError(f"{BUNDLE_JSON} in {str(folder)!r} lacks the field {exc}") from None

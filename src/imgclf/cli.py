@@ -26,7 +26,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--out", help="bundle folder to write")
     p.add_argument("--config", help="YAML file of options; flags override it")
     p.add_argument("--backbone", help="timm model name (default tf_efficientnet_lite0)")
-    p.add_argument("--recipe", choices=["probe", "finetune"], help="probe: frozen backbone; finetune (default)")
+    p.add_argument("--recipe", choices=["probe", "finetune", "seed"],
+                   help="probe: frozen backbone; finetune (default); seed: the article's VGG19 system")
     p.add_argument("--epochs", type=int, help="fine-tuning epochs after the head fit (default 5)")
     p.add_argument("--image-size", type=int, help="input side in px (default: from the backbone and data)")
     p.add_argument("--batch-size", type=int)
@@ -45,6 +46,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                    help="stop when more than this share of files is unreadable (default 0.05)")
     p.add_argument("--balance", action="store_true", default=None,
                    help="class-weighted loss (probe and fine-tuning) for skewed classes")
+    p.add_argument("--max-minutes", type=float,
+                   help="wall-time limit in minutes: after the first epoch, none starts that would end past it")
     p.set_defaults(handler=cmd_train)
 
 
@@ -58,7 +61,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         for k in (
             "data", "out", "backbone", "recipe", "epochs", "image_size", "batch_size", "seed",
             "weights", "random_init", "val_fraction", "lr", "augment", "flip", "patience",
-            "precision", "device", "workers", "max_bad_fraction", "balance",
+            "precision", "device", "workers", "max_bad_fraction", "balance", "max_minutes",
         )
     }
     cfg = resolve_config(file_values, **flags)
@@ -261,8 +264,36 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_summary(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("summary", help="Keras-style table of a model's layers and parameter counts")
+    p.add_argument("model", metavar="DIR", nargs="?", help="a bundle; or describe a recipe's model with the flags")
+    p.add_argument("--recipe", choices=["probe", "finetune", "seed"], default="finetune")
+    p.add_argument("--backbone", help="default: the recipe's (vgg19 for seed, else tf_efficientnet_lite0)")
+    p.add_argument("--num-classes", type=int, help="number of classes (needed without DIR)")
+    p.add_argument("--image-size", type=int, help="input side in px (default: 32 for seed, else the backbone's)")
+    p.add_argument("--expand", action="store_true", help="one row per backbone layer")
+    p.set_defaults(handler=cmd_summary)
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    from imgclf.summary import summarize_bundle, summarize_recipe
+
+    if args.model:
+        summary = summarize_bundle(args.model, expand=args.expand)
+    elif args.num_classes is None:
+        raise ImgclfError(
+            "summary needs a bundle folder or --num-classes",
+            fix="imgclf summary DIR, or imgclf summary --recipe seed --backbone vgg19 --num-classes 10 --image-size 32",
+        )
+    else:
+        summary = summarize_recipe(args.recipe, backbone=args.backbone, num_classes=args.num_classes,
+                                   image_size=args.image_size, expand=args.expand)
+    print(summary.table())
+    return 0
+
+
 COMMANDS: Sequence[Callable[[argparse._SubParsersAction], None]] = (  # type: ignore[type-arg]
-    _add_train, _add_check, _add_evaluate, _add_predict, _add_backbones, _add_demo, _add_report,
+    _add_train, _add_check, _add_evaluate, _add_predict, _add_backbones, _add_demo, _add_report, _add_summary,
 )
 
 

@@ -16,11 +16,18 @@ import yaml
 
 from imgclf.errors import ConfigError
 
-Recipe = Literal["probe", "finetune"]
+Recipe = Literal["probe", "finetune", "seed"]
 Precision = Literal["auto", "bf16", "fp32"]
 RECIPES: tuple[str, ...] = get_args(Recipe)
 
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
+
+# Per-recipe defaults, between the dataclass defaults and the YAML file: defaults < these < file < flags.
+RECIPE_DEFAULTS: dict[str, dict[str, Any]] = {
+    # The seed article (training/seed.py): its 70/30 split and VGG19; it names no optimizer, so
+    # SGD (momentum 0.9) at lr 0.01 per batch of 64, VGG's own training recipe (paper: 0.01 at 256).
+    "seed": {"backbone": "vgg19", "val_fraction": 0.3, "lr": 0.01, "batch_size": 64},
+}
 
 
 @dataclass
@@ -58,6 +65,7 @@ class TrainConfig:
     flip: bool = True  # random horizontal flips; turn off for text, digits, left/right classes
     head_fit_images: int = 10000  # at most this many train images are used to fit the first head
     balance: bool = False  # weight the loss by 1 / class frequency (probe and fine-tuning) for skewed classes
+    max_minutes: float | None = None  # wall-time limit in min; after epoch 1 none starts that would pass it
 
     # probe: a multinomial logistic regression on frozen features; L2 strength picked on val.
     probe_l2: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 3e-2, 1e-1])
@@ -80,7 +88,7 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(
             f"unknown recipe {cfg.recipe!r}",
             expected=f"one of {', '.join(RECIPES)}",
-            fix="pass --recipe probe or --recipe finetune",
+            fix="pass --recipe probe, --recipe finetune or --recipe seed",
         )
     checks: list[tuple[bool, str, str]] = [
         (cfg.epochs is None or cfg.epochs >= 0, "epochs", "an integer >= 0"),
@@ -94,6 +102,7 @@ def validate(cfg: TrainConfig) -> None:
         (0 <= cfg.warmup_fraction < 1, "warmup_fraction", "a number in [0, 1)"),
         (cfg.patience >= 1, "patience", "an integer >= 1"),
         (cfg.head_fit_images >= 10, "head_fit_images", "an integer >= 10"),
+        (cfg.max_minutes is None or cfg.max_minutes > 0, "max_minutes", "a positive number of minutes"),
         (bool(cfg.probe_l2) and all(v >= 0 for v in cfg.probe_l2), "probe_l2", "a list of numbers >= 0"),
         (cfg.precision in ("auto", "bf16", "fp32"), "precision", "auto, bf16 or fp32"),
         (cfg.augment in ("none", "light", "standard"), "augment", "none, light or standard"),
@@ -135,7 +144,8 @@ def resolve_config(file_values: dict[str, Any] | None = None, **overrides: Any) 
         5
     """
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    merged: dict[str, Any] = {}
+    recipe = overrides.get("recipe") or (file_values or {}).get("recipe")
+    merged: dict[str, Any] = dict(RECIPE_DEFAULTS.get(str(recipe), {}))
     for source, values in (("config file", file_values or {}), ("arguments", overrides)):
         for key, value in values.items():
             key = key.replace("-", "_")

@@ -142,8 +142,12 @@ def fit(
     device: torch.device,
     dtype: torch.dtype,
     callbacks: Sequence[Callback] = (),
+    deadline: float | None = None,
 ) -> FitResult:
-    """Fine-tune `model` in place for up to `epochs`, then load the best epoch's weights."""
+    """Fine-tune `model` in place for up to `epochs`, then load the best epoch's weights.
+
+    With `deadline` (a `time.perf_counter()` value), no epoch is started that would end after it.
+    """
     result = FitResult()
     if epochs == 0:
         return result
@@ -193,6 +197,10 @@ def fit(
                 log(f"stopping early: no better val accuracy for {cfg.patience} epoch(s)")
                 result.stopped_early = True
                 break
+        if deadline is not None and epoch < epochs and time.perf_counter() + record["train_seconds"] > deadline:
+            log(f"stopping after epoch {epoch}: another epoch would pass the time limit")
+            result.stopped_early = True
+            break
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()

@@ -28,6 +28,7 @@ from imgclf.runtime import FrozenForward, compute_dtype, pick_device
 from imgclf.training.balance import balanced_class_weights
 from imgclf.training.finetune import evaluate_store, fit
 from imgclf.training.probe import fit_probe, run_frozen
+from imgclf.training.seed import DEFAULT_SEED_EPOCHS, build_seed_model, fit_seed, seed_meta, seed_setup
 
 DEFAULT_FINETUNE_EPOCHS = 5  # with early stopping on val accuracy (patience 3)
 MIN_IMAGE_SIZE = 96  # below this lite0/ResNet final feature maps are 3x3 or smaller
@@ -127,13 +128,17 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> Model:
     )
     device = pick_device(cfg.device)
     dtype = compute_dtype(device, cfg.precision)
-    backbone = create_backbone(cfg.backbone, weights=cfg.weights, random_init=cfg.random_init)
+    if cfg.recipe == "seed":
+        prep, backbone = seed_setup(cfg, median_short_side(dataset.train, seed=cfg.seed))
+    else:
+        backbone = create_backbone(cfg.backbone, weights=cfg.weights, random_init=cfg.random_init)
+        prep = _preprocessing(backbone, dataset, cfg, device)
     log(f"backbone: {cfg.backbone}, {backbone.num_features} features, weights: {backbone.weights_source}")
-    prep = _preprocessing(backbone, dataset, cfg, device)
     log(f"input: {prep.image_size} px, {prep.interpolation}, mean {prep.mean}, std {prep.std}; "
         f"device {device}, {str(dtype).replace('torch.', '')}")
 
-    model, probe_info, history, stores, predictions = _fit(backbone, dataset, prep, cfg, device, dtype)
+    deadline = started + 60 * cfg.max_minutes if cfg.max_minutes else None
+    model, probe_info, history, stores, predictions = _fit(backbone, dataset, prep, cfg, device, dtype, deadline)
     metrics = {
         split: classification_metrics(probs, labels, dataset.classes)
         for split, (probs, labels) in predictions.items()
@@ -148,6 +153,8 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> Model:
         },
         "head": {"kind": "linear", "in_features": backbone.num_features, "num_classes": len(dataset.classes)},
         "recipe": cfg.recipe,
+        # The seed network's conv base and dense head replace the two entries above.
+        **(seed_meta(backbone, len(dataset.classes)) if cfg.recipe == "seed" else {}),
         "config": cfg.to_dict(),
         "data": dataset.summary(),
         "metrics": metrics,
@@ -200,6 +207,7 @@ def _fit(
     cfg: TrainConfig,
     device: torch.device,
     dtype: torch.dtype,
+    deadline: float | None = None,
 ) -> tuple[
     ImageClassifier,
     dict[str, Any],
@@ -207,13 +215,14 @@ def _fit(
     dict[str, ImageStore],
     dict[str, tuple[np.ndarray, np.ndarray]],
 ]:
-    """Fit the head on frozen features, then (finetune) train the whole network.
+    """Fit the head on frozen features, then (finetune) train the whole network; or (seed) train
+    the article's network end to end. No epoch after the first starts that would end past `deadline`.
 
     Returns the model, probe details, the epoch history, the stores, and the (probabilities,
     labels) of the final model on val and test.
     """
     budget = memory_budget(cfg.memory_fraction)
-    finetune = cfg.recipe == "finetune"
+    finetune = cfg.recipe in ("finetune", "seed")
     # The probe reads every image once, so streaming costs nothing extra; fine-tuning re-reads
     # train and val every epoch, so those are kept decoded in memory when they fit.
     stores = {
@@ -222,6 +231,12 @@ def _fit(
     }
     if dataset.test is not None:
         stores["test"] = _store(dataset.test, prep, cfg, 0, "test")
+    if cfg.recipe == "seed":
+        model = build_seed_model(backbone.model, backbone.num_features, len(dataset.classes))
+        epochs = DEFAULT_SEED_EPOCHS if cfg.epochs is None else cfg.epochs
+        seed_history = fit_seed(model, stores["train"], stores["val"], cfg, epochs=epochs, device=device,
+                                dtype=dtype, deadline=deadline)
+        return model.cpu().eval(), {}, seed_history, stores, _predict_splits(model, stores, cfg, device)
     forward = FrozenForward(backbone.model, image_size=prep.image_size, device=device, precision=cfg.precision)
     log(f"frozen forward runs on {forward.runtime}")
     head_store = stores["train"]
@@ -242,15 +257,11 @@ def _fit(
     predictions: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     epochs = DEFAULT_FINETUNE_EPOCHS if cfg.epochs is None else cfg.epochs
     if finetune and epochs > 0:
-        result = fit(model, stores["train"], stores["val"], cfg, epochs=epochs, device=device, dtype=dtype)
+        result = fit(model, stores["train"], stores["val"], cfg, epochs=epochs, device=device, dtype=dtype,
+                     deadline=deadline)
         history = result.history
         log(f"best epoch {result.best_epoch}: val accuracy {result.best_val_accuracy:.4f}")
-        for split in ("val", "test"):
-            if split in stores:
-                _, _, probs, labels = evaluate_store(
-                    model, stores[split], batch_size=cfg.batch_size, device=device, precision=cfg.precision
-                )
-                predictions[split] = (probs, labels)
+        predictions = _predict_splits(model, stores, cfg, device)
     else:
         # The backbone did not change: score the probe's head on features already computed.
         outputs = {"val": (val_x, val_y)}
@@ -260,6 +271,20 @@ def _fit(
             for split, (x, y) in outputs.items():
                 predictions[split] = (torch.softmax(probe.head(x), 1).numpy(), y.numpy())
     return model.cpu().eval(), probe_info, history, stores, predictions
+
+
+def _predict_splits(
+    model: ImageClassifier, stores: dict[str, ImageStore], cfg: TrainConfig, device: torch.device
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """(probabilities, labels) of the trained `model` on val and, if present, test."""
+    predictions: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for split in ("val", "test"):
+        if split in stores:
+            _, _, probs, labels = evaluate_store(
+                model, stores[split], batch_size=cfg.batch_size, device=device, precision=cfg.precision
+            )
+            predictions[split] = (probs, labels)
+    return predictions
 
 
 class _SubsetStore(ImageStore):

@@ -1,0 +1,275 @@
+"""The `seed` recipe: the Keras tutorial this project grew out of, reproduced faithfully.
+
+The article ("Multi-class image classification with transfer learning") builds, for CIFAR-10:
+
+- `VGG19(include_top=False, weights='imagenet', input_shape=(32, 32, 3))`, flattened to 512;
+- Dense 1024 relu, Dense 512 relu, Dense 256 relu, Dropout 0.3, Dense 128 relu, Dense 10 softmax;
+- `ImageDataGenerator(rotation_range=2, horizontal_flip=True, zoom_range=.1)`;
+- `ReduceLROnPlateau(monitor='val_acc', factor=.01, patience=3, min_lr=1e-5)`;
+- `train_test_split(x_train, y_train, test_size=.3)`.
+
+It never compiles or fits the model, so it names no optimizer, learning rate, batch size or epoch
+count; the choices here are in `SEED_DEFAULTS` (config.RECIPE_DEFAULTS) and `DEFAULT_SEED_EPOCHS`,
+with their reasons. Everything else follows the article, and where the article is broken
+(docs/seed-article.md lists how) this does what it evidently meant:
+
+- the whole network trains (Keras layers are trainable unless frozen; the article freezes none);
+- the plateau scheduler really watches validation accuracy (Keras >= 2.3 names it `val_accuracy`,
+  so the article's `val_acc` never fires) and is really used;
+- augmentation touches training images only;
+- like `model.fit` without a checkpoint callback, the weights of the last epoch are kept.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from imgclf.backbones import Backbone
+from imgclf.config import TrainConfig
+from imgclf.conv_base import KIND as CONV_BASE_KIND
+from imgclf.conv_base import create_conv_base
+from imgclf.data.pipeline import ImageStore, Preprocessing
+from imgclf.model import ImageClassifier, build_head
+from imgclf.progress import log
+
+DEFAULT_SEED_EPOCHS = 30  # room for the plateau scheduler to act twice (see PLATEAU); Keras' fit
+# has no early stopping, and the article adds none.
+SEED_MIN_IMAGE_SIZE = 32  # VGG halves the input five times; 32 px gives the article's 1x1x512
+SEED_MAX_IMAGE_SIZE = 224  # VGG's own training size; larger native images are reduced to it
+SGD_MOMENTUM = 0.9  # the VGG paper's setting (Simonyan & Zisserman 2015, sec. 3.1)
+
+# The article's head, as stored in the bundle (model.build_head); the final Dense 10 softmax is
+# the head's output layer: softmax is applied by the loss and by predict.
+SEED_HEAD_LAYERS: list[dict[str, Any]] = [
+    {"type": "dense", "units": 1024, "activation": "relu"},
+    {"type": "dense", "units": 512, "activation": "relu"},
+    {"type": "dense", "units": 256, "activation": "relu"},
+    {"type": "dropout", "rate": 0.3},
+    {"type": "dense", "units": 128, "activation": "relu"},
+]
+
+# ReduceLROnPlateau(monitor='val_acc', factor=.01, patience=3, min_lr=1e-5), Keras semantics.
+PLATEAU = {"factor": 0.01, "patience": 3, "min_lr": 1e-5, "min_delta": 1e-4}
+
+
+def seed_head_spec(in_features: int, num_classes: int) -> dict[str, Any]:
+    """The bundle description of the article's dense head.
+
+    Example:
+        >>> seed_head_spec(512, 10)["layers"][0]
+        {'type': 'dense', 'units': 1024, 'activation': 'relu'}
+    """
+    return {"kind": "mlp", "in_features": in_features, "num_classes": num_classes,
+            "layers": [dict(layer) for layer in SEED_HEAD_LAYERS]}
+
+
+def build_seed_head(in_features: int, num_classes: int) -> nn.Module:
+    """The article's head, initialised as Keras initialises Dense layers (Glorot uniform, zero bias).
+
+    Example:
+        >>> sum(p.numel() for p in build_seed_head(512, 10).parameters())
+        1215626
+    """
+    head = build_head(seed_head_spec(in_features, num_classes))
+    for m in head.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+    return head
+
+
+def seed_image_size(median_side: int | None) -> int:
+    """The data's native size: its median shorter side, kept within what VGG can take.
+
+    Example:
+        >>> seed_image_size(32), seed_image_size(20), seed_image_size(500), seed_image_size(None)
+        (32, 32, 224, 32)
+    """
+    if median_side is None:
+        return SEED_MIN_IMAGE_SIZE
+    return int(min(max(median_side, SEED_MIN_IMAGE_SIZE), SEED_MAX_IMAGE_SIZE))
+
+
+class SeedAugmentation:
+    """Keras' `ImageDataGenerator(rotation_range=2, horizontal_flip=True, zoom_range=.1)`, batched.
+
+    Per image: a rotation uniform in [-2, 2] degrees, zoom factors for x and y drawn independently
+    in [0.9, 1.1] (as Keras does for a float `zoom_range`), and a horizontal flip with probability
+    0.5. Pixels from outside the image take the nearest edge value (Keras' `fill_mode='nearest'`).
+    One `affine_grid` + `grid_sample` call transforms the whole batch.
+
+    Example:
+        >>> out = SeedAugmentation()(torch.zeros(4, 3, 32, 32, dtype=torch.uint8), torch.Generator())
+        >>> out.shape, out.dtype
+        (torch.Size([4, 3, 32, 32]), torch.float32)
+    """
+
+    def __init__(self, *, rotation_degrees: float = 2.0, zoom: float = 0.1, flip: bool = True) -> None:
+        self.rotation_degrees = rotation_degrees
+        self.zoom = zoom
+        self.flip = flip
+
+    def __call__(self, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """uint8 or float N x 3 x H x W -> float 0..255 of the same size."""
+        n = batch.shape[0]
+        angle = torch.empty(n).uniform_(-self.rotation_degrees, self.rotation_degrees, generator=generator)
+        angle = angle * (math.pi / 180.0)
+        # Keras: zx, zy in [1 - zoom, 1 + zoom] scale the sampling grid (zx > 1 shows more of the image).
+        zoom_x = torch.empty(n).uniform_(1 - self.zoom, 1 + self.zoom, generator=generator)
+        zoom_y = torch.empty(n).uniform_(1 - self.zoom, 1 + self.zoom, generator=generator)
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        theta = torch.zeros(n, 2, 3)
+        theta[:, 0, 0], theta[:, 0, 1] = cos * zoom_x, -sin * zoom_y
+        theta[:, 1, 0], theta[:, 1, 1] = sin * zoom_x, cos * zoom_y
+        if self.flip:
+            flipped = torch.rand(n, generator=generator) < 0.5
+            theta[:, 0, :2] *= torch.where(flipped, -1.0, 1.0).view(n, 1)
+        images = batch.float()
+        grid = nn.functional.affine_grid(theta, list(images.shape), align_corners=False)
+        return nn.functional.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+class PlateauScheduler:
+    """Keras' `ReduceLROnPlateau` for a metric to maximise, stepped once per epoch.
+
+    After `patience` epochs in a row without an improvement of more than `min_delta`, every
+    learning rate is multiplied by `factor`, but never set below `min_lr`; the count then restarts.
+    (PyTorch's own ReduceLROnPlateau reduces one epoch later, after `patience + 1` bad epochs, and
+    measures improvement relative to the best; this keeps Keras' behaviour, which the article used.)
+
+    Example:
+        >>> opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.01)
+        >>> plateau = PlateauScheduler(opt, factor=0.01, patience=3, min_lr=1e-5)
+        >>> [plateau.step(acc) for acc in (0.5, 0.5, 0.5, 0.5)][-1]
+        True
+        >>> opt.param_groups[0]["lr"]
+        0.0001
+    """
+
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, *, factor: float, patience: int, min_lr: float,
+        min_delta: float = 1e-4,
+    ) -> None:
+        self.optimizer = optimizer
+        self.factor = factor
+        self.patience = patience
+        self.min_lr = min_lr
+        self.min_delta = min_delta
+        self.best = -math.inf
+        self.wait = 0
+
+    def step(self, value: float) -> bool:
+        """Record this epoch's metric; returns True when the learning rate was reduced."""
+        if value > self.best + self.min_delta:
+            self.best, self.wait = value, 0
+            return False
+        self.wait += 1
+        if self.wait < self.patience:
+            return False
+        self.wait = 0
+        reduced = False
+        for group in self.optimizer.param_groups:
+            old = float(group["lr"])
+            if old > self.min_lr:
+                group["lr"] = max(old * self.factor, self.min_lr)
+                reduced = True
+        return reduced
+
+
+def seed_setup(cfg: TrainConfig, median_side: int | None) -> tuple[Preprocessing, Backbone]:
+    """The input (the data's native size, the weights' mean and std) and the VGG conv base."""
+    size = cfg.image_size or seed_image_size(median_side)
+    backbone = create_conv_base(cfg.backbone, image_size=size, weights=cfg.weights, random_init=cfg.random_init)
+    if cfg.random_init:
+        log("warning: random init (--random-init); the article starts from ImageNet weights")
+    config = backbone.data_config
+    prep = Preprocessing(
+        image_size=size,
+        mean=tuple(float(v) for v in config["mean"]),  # type: ignore[arg-type]
+        std=tuple(float(v) for v in config["std"]),  # type: ignore[arg-type]
+        interpolation=str(config.get("interpolation", "bilinear")),
+    )
+    return prep, backbone
+
+
+def seed_meta(backbone: Backbone, num_classes: int) -> dict[str, Any]:
+    """The bundle's `backbone` and `head` entries for the seed network (read by bundle.Model.load)."""
+    return {
+        "backbone": {
+            "kind": CONV_BASE_KIND,
+            "name": backbone.entry.name,
+            "timm_name": backbone.entry.timm_name,
+            "weights_source": backbone.weights_source,
+            "num_features": backbone.num_features,
+        },
+        "head": seed_head_spec(backbone.num_features, num_classes),
+    }
+
+
+def build_seed_model(base: nn.Module, num_features: int, num_classes: int) -> ImageClassifier:
+    """The article's full network: conv base, then the dense head."""
+    return ImageClassifier(base, build_seed_head(num_features, num_classes))
+
+
+def fit_seed(
+    model: ImageClassifier,
+    train_store: ImageStore,
+    val_store: ImageStore,
+    cfg: TrainConfig,
+    *,
+    epochs: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    deadline: float | None = None,
+) -> list[dict[str, Any]]:
+    """Train the whole network like the article's (intended) `model.fit`; returns the history.
+
+    Optimizer: SGD with momentum 0.9 at `cfg.lr` (seed default 0.01, see config.RECIPE_DEFAULTS),
+    no weight decay; plain cross-entropy; the plateau scheduler is stepped with validation accuracy
+    after every epoch. Training stops early only when `deadline` (a `time.perf_counter()` value)
+    would be passed by another epoch.
+    """
+    from imgclf.training.finetune import evaluate_store, train_one_epoch
+
+    model.to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=SGD_MOMENTUM)
+    # train_one_epoch steps a per-batch scheduler; this one leaves the lr alone, so that only the
+    # plateau scheduler changes it.
+    per_step = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    plateau = PlateauScheduler(optimizer, **PLATEAU)  # type: ignore[arg-type]
+    criterion = nn.CrossEntropyLoss()
+    augment = SeedAugmentation(flip=cfg.flip)
+    history: list[dict[str, Any]] = []
+    for epoch in range(1, epochs + 1):
+        started = time.perf_counter()
+        record: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
+        record.update(
+            train_one_epoch(
+                model, train_store, optimizer, per_step, criterion,
+                augment=augment, epoch=epoch, cfg=cfg, device=device, dtype=dtype,  # type: ignore[arg-type]
+            )
+        )
+        val_loss, val_acc, _, _ = evaluate_store(
+            model, val_store, batch_size=cfg.batch_size, device=device, precision=cfg.precision
+        )
+        record.update(val_loss=val_loss, val_accuracy=val_acc)
+        record["lr_reduced"] = plateau.step(val_acc)
+        record["epoch_seconds"] = time.perf_counter() - started
+        history.append(record)
+        log(
+            f"epoch {epoch}/{epochs}: train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.4f}"
+            f" | val loss {val_loss:.4f} acc {val_acc:.4f} | lr {record['lr']:g}"
+            f"{' -> ' + format(optimizer.param_groups[0]['lr'], 'g') if record['lr_reduced'] else ''}"
+            f" | {record['train_images_per_s']:.1f} img/s, {record['epoch_seconds']:.0f} s"
+        )
+        if deadline is not None and time.perf_counter() + record["epoch_seconds"] > deadline:
+            if epoch < epochs:
+                log(f"stopping after epoch {epoch}: another epoch would pass the time limit")
+            break
+    model.eval()
+    return history
