@@ -9,11 +9,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from fastapi.testclient import TestClient
-from PIL import Image
-
 from _server import running_server
 from conftest import CLASS_COLOURS, make_image, make_image_folder
+from fastapi.testclient import TestClient
+from PIL import Image
 
 import imgclf
 from imgclf.cli import main
