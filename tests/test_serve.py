@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from _server import running_server
 from conftest import CLASS_COLOURS, make_image, make_image_folder
@@ -24,8 +25,6 @@ LIMIT = 200_000  # bytes; small so oversized bodies are cheap to send
 
 
 def png_bytes(class_index: int, seed: int = 1, fmt: str = "PNG") -> bytes:
-    import numpy as np
-
     buffer = io.BytesIO()
     make_image(CLASS_COLOURS[class_index], np.random.default_rng(seed)).save(buffer, format=fmt)
     return buffer.getvalue()
@@ -230,3 +229,34 @@ def test_cli_serve_refuses_remote_bind_before_loading(tmp_path: Path, capsys: py
     # The bundle folder does not exist: the bind check must fail first, with exit code 2.
     assert main(["serve", str(tmp_path / "missing"), "--host", "0.0.0.0"]) == 2
     assert "--allow-remote" in capsys.readouterr().err
+
+
+def test_micro_batcher_merges_queued_requests() -> None:
+    import asyncio
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from imgclf.serve.batching import MicroBatcher
+
+    release = threading.Event()
+    calls: list[int] = []
+
+    def predict(batch: torch.Tensor) -> np.ndarray:
+        release.wait(5)  # the first call blocks until every request is queued
+        calls.append(len(batch))
+        return batch[:, 0, 0, 0].float().numpy()[:, None]  # echo a per-image id
+
+    async def run() -> list[np.ndarray]:
+        batcher = MicroBatcher(predict, ThreadPoolExecutor(1), max_images=3)
+        batches = [torch.full((n, 3, 2, 2), i, dtype=torch.uint8) for i, n in enumerate([1, 1, 2, 1, 1])]
+        tasks = [asyncio.create_task(batcher.submit(b)) for b in batches]
+        await asyncio.sleep(0.05)
+        release.set()
+        return await asyncio.gather(*tasks)
+
+    results = asyncio.run(run())
+    # All five are queued before the first pass starts; they go in order, at most 3 images a pass.
+    assert calls == [2, 3, 1]
+    assert [r[:, 0].tolist() for r in results] == [[0], [1], [2, 2], [3], [4]]

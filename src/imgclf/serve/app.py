@@ -31,7 +31,8 @@ from imgclf.bundle import Model
 from imgclf.data.decode import UnreadableImageError, open_image
 from imgclf.data.pipeline import image_to_tensor
 from imgclf.progress import log
-from imgclf.serve.limits import BodySizeLimit, Gate
+from imgclf.serve.batching import MicroBatcher
+from imgclf.serve.limits import BodySizeLimit, ConcurrencyLimit, Gate
 
 STATIC = Path(__file__).parent / "static"
 RAW_TYPES = ("image/", "application/octet-stream")
@@ -54,6 +55,7 @@ class ServeSettings:
     max_files: int = 32  # images per multipart request
     max_concurrency: int = 64  # requests decoding, queued or predicting; more get 503 at once
     retry_after_s: int = 1  # the Retry-After sent with 503
+    max_batch: int = 64  # images per forward pass when queued requests are merged (micro-batching)
 
 
 class ApiError(HTTPException):
@@ -73,6 +75,7 @@ class Predictor:
         self.model = model
         self.settings = settings
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imgclf-infer")
+        self.batcher = MicroBatcher(self.predict, self.executor, max_images=settings.max_batch)
         self.ready = False
         self.runtime = settings.runtime
 
@@ -143,6 +146,8 @@ def create_app(model: Model, *, settings: ServeSettings | None = None) -> FastAP
     app.state.gate = gate
     app.state.settings = settings
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    # Added last, so outermost: overload is refused before anything else is looked at.
+    app.add_middleware(ConcurrencyLimit, gate=gate, paths={"/predict"}, retry_after_s=settings.retry_after_s)
     retry = {"Retry-After": str(settings.retry_after_s)}
 
     @app.exception_handler(HTTPException)
@@ -185,6 +190,8 @@ def create_app(model: Model, *, settings: ServeSettings | None = None) -> FastAP
             "versions": model.meta.get("versions", {}),
             "runtime": predictor.runtime,
             "limits": asdict(settings),
+            "micro_batching": {"forward_passes": predictor.batcher.batches_run,
+                               "requests": predictor.batcher.requests_run},
         }
 
     @app.post(
@@ -201,19 +208,12 @@ def create_app(model: Model, *, settings: ServeSettings | None = None) -> FastAP
     async def predict(request: Request) -> dict[str, Any]:
         if not predictor.ready:
             raise ApiError(503, "the model is still warming up", headers=retry)
-        if not gate.try_enter():
-            raise ApiError(503, f"busy: {gate.limit} requests in flight", fix="retry after Retry-After seconds",
-                           headers=retry)
-        try:
-            started = time.perf_counter()
-            items = await _read_images(request, settings)
-            batch = await run_in_threadpool(predictor.decode, items)
-            model_started = time.perf_counter()
-            loop = asyncio.get_running_loop()
-            probs = await loop.run_in_executor(predictor.executor, predictor.predict, batch)
-            done = time.perf_counter()
-        finally:
-            gate.leave()
+        started = time.perf_counter()
+        items = await _read_images(request, settings)
+        batch = await run_in_threadpool(predictor.decode, items)
+        model_started = time.perf_counter()
+        probs = await predictor.batcher.submit(batch)
+        done = time.perf_counter()
         predictions = []
         for (name, _), row in zip(items, probs, strict=True):
             top = predictor.top(row)

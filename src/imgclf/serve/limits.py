@@ -1,5 +1,8 @@
 """Request limits that act before any work is done: body size and requests in flight.
 
+Both are pure ASGI middleware, so a refusal costs no routing, parsing or validation: under
+overload the 503s stay fast and the event loop stays free for `/health`.
+
 `BodySizeLimit` is pure ASGI, so it sees the body as it arrives: a declared Content-Length over
 the limit is refused before a byte is read, and a chunked body (no Content-Length) is counted as
 its chunks arrive and refused as soon as the count passes the limit, so no more than one chunk
@@ -115,3 +118,30 @@ class Gate:
 
     def leave(self) -> None:
         self.in_flight -= 1
+
+
+class ConcurrencyLimit:
+    """ASGI middleware: requests to `paths` over the gate's limit get 503 with Retry-After at once.
+
+    Example:
+        >>> app.add_middleware(ConcurrencyLimit, gate=Gate(64), paths={"/predict"})  # doctest: +SKIP
+    """
+
+    def __init__(self, app: ASGIApp, *, gate: Gate, paths: set[str], retry_after_s: int = 1) -> None:
+        self.app = app
+        self.gate = gate
+        self.paths = paths
+        self.retry_after = str(retry_after_s).encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] not in self.paths:
+            await self.app(scope, receive, send)
+            return
+        if not self.gate.try_enter():
+            await send_json_error(send, 503, f"busy: {self.gate.limit} requests in flight",
+                                  headers=[(b"retry-after", self.retry_after)], fix="retry after Retry-After seconds")
+            return
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.gate.leave()
