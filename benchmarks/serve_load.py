@@ -4,7 +4,7 @@
    (default 30). Reports throughput, p50/p99 latency and errors; the target is 0 errors.
 2. Overload: a server started with a small --max-concurrency gets more clients than it admits.
    Excess requests must get 503 quickly (p99 of the 503s is reported) while a prober keeps hitting
-   /health, which must keep answering 200.
+   /health from a separate process, which must keep answering 200.
 
 Each phase starts its own `python -m imgclf serve` subprocess on 127.0.0.1 and a free port, so the
 server does not share a GIL with the clients. Traffic only ever goes to 127.0.0.1.
@@ -20,11 +20,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import multiprocessing
 import os
 import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,17 +103,33 @@ async def hammer(url: str, body: bytes, clients: int, seconds: float, tally: Tal
         await asyncio.gather(*(one_client() for _ in range(clients)))
 
 
-async def probe_health(url: str, seconds: float, tally: Tally, every_s: float = 0.1) -> None:
+def probe(url: str, body: bytes, seconds: float, every_s: float = 0.1) -> dict[str, list[tuple[int, float]]]:
+    """Every `every_s` for `seconds`, GET /health and POST one /predict: {endpoint: [(status, latency_s)]}.
+
+    Runs in its own process, so its timings show the server's answer time, not the queueing inside
+    the load generator's busy event loop. Status 0 is a transport failure.
+    """
+    results: dict[str, list[tuple[int, float]]] = {"health": [], "predict": []}
     deadline = time.monotonic() + seconds
-    async with httpx.AsyncClient(timeout=10) as client:
+    with httpx.Client(timeout=30) as client:
         while time.monotonic() < deadline:
-            start = time.perf_counter()
-            try:
-                response = await client.get(f"{url}/health")
-                tally.add(response.status_code, time.perf_counter() - start)
-            except httpx.HTTPError:
-                tally.failures += 1
-            await asyncio.sleep(every_s)
+            for name in ("health", "predict"):
+                start = time.perf_counter()
+                try:
+                    if name == "health":
+                        status = client.get(f"{url}/health").status_code
+                    else:
+                        status = client.post(f"{url}/predict", content=body,
+                                             headers={"content-type": "image/png"}).status_code
+                except httpx.HTTPError:
+                    status = 0
+                results[name].append((status, time.perf_counter() - start))
+            time.sleep(every_s)
+    return results
+
+
+def _noop() -> None:
+    return None
 
 
 def test_image(model: str) -> bytes:
@@ -128,19 +146,27 @@ def test_image(model: str) -> bytes:
 
 
 async def phase(args: argparse.Namespace, body: bytes, *, clients: int, seconds: float, limit: int,
-                with_health: bool) -> tuple[Tally, Tally, float, str]:
+                with_probe: bool) -> tuple[Tally, dict[str, Tally], float, str]:
     port = free_port()
     url = f"http://{HOST}:{port}"
     server = start_server(args.model, port, args.runtime, limit)
     try:
         runtime = await wait_ready(url, server)
-        tally, health = Tally(), Tally()
-        start = time.perf_counter()
-        jobs = [hammer(url, body, clients, seconds, tally)]
-        if with_health:
-            jobs.append(probe_health(url, seconds, health))
-        await asyncio.gather(*jobs)
-        return tally, health, time.perf_counter() - start, runtime
+        tally, probes = Tally(), {"health": Tally(), "predict": Tally()}
+        if not with_probe:
+            start = time.perf_counter()
+            await hammer(url, body, clients, seconds, tally)
+            return tally, probes, time.perf_counter() - start, runtime
+        loop = asyncio.get_running_loop()
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            await loop.run_in_executor(pool, _noop)  # start the probe process before the clock runs
+            start = time.perf_counter()
+            _, results = await asyncio.gather(hammer(url, body, clients, seconds, tally),
+                                              loop.run_in_executor(pool, probe, url, body, seconds))
+        for name, rows in results.items():
+            for status, latency in rows:
+                probes[name].add(status, latency)
+        return tally, probes, time.perf_counter() - start, runtime
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -152,10 +178,10 @@ async def main_async(args: argparse.Namespace) -> None:
           f"{time.strftime('%Y-%m-%d %H:%M %Z')}", flush=True)
 
     steady, _, wall, runtime = await phase(args, body, clients=args.clients, seconds=args.seconds,
-                                           limit=args.max_concurrency, with_health=False)
-    over, health, over_wall, _ = await phase(args, body, clients=args.overload_clients,
+                                           limit=args.max_concurrency, with_probe=False)
+    over, probes, over_wall, _ = await phase(args, body, clients=args.overload_clients,
                                              seconds=args.overload_seconds, limit=args.overload_limit,
-                                             with_health=True)
+                                             with_probe=True)
     print()
     print("| run | clients | limit | seconds | requests | req/s | 200 | 503 | other errors | "
           "p50 ms (200) | p99 ms (200) | p50 ms (503) | p99 ms (503) |")
@@ -168,8 +194,13 @@ async def main_async(args: argparse.Namespace) -> None:
               f"{tally.count(200)} | {tally.count(503)} | {tally.other(200, 503)} | "
               f"{tally.percentile_ms(200, 50):.1f} | {tally.percentile_ms(200, 99):.1f} | "
               f"{tally.percentile_ms(503, 50):.1f} | {tally.percentile_ms(503, 99):.1f} |")
-    print(f"\n/health during overload: {health.count(200)}/{health.count() + health.failures} answered 200, "
+    health, predict = probes["health"], probes["predict"]
+    print("\nseen by a separate probe process during the overload run (every 0.1 s):")
+    print(f"  GET /health: {health.count(200)}/{health.count()} answered 200, "
           f"p50 {health.percentile_ms(200, 50):.1f} ms, p99 {health.percentile_ms(200, 99):.1f} ms")
+    print(f"  POST /predict: {predict.count(503)} x 503 (p50 {predict.percentile_ms(503, 50):.1f} ms, "
+          f"p99 {predict.percentile_ms(503, 99):.1f} ms), {predict.count(200)} x 200, "
+          f"{predict.other(200, 503)} other")
     steady_errors = steady.other(200)
     print(f"steady-load errors: {steady_errors}")
     if steady_errors or health.other(200):
