@@ -13,14 +13,13 @@ that fails the check is deleted and an `ExportError` says by how much it missed.
 
 from __future__ import annotations
 
-import io
 import json
 import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import torch
@@ -135,7 +134,7 @@ def export_model(
 # Conversion: module -> file (also used in memory by runtime.FrozenForward)
 
 
-def module_to_onnx(module: nn.Module, image_size: int, target: str | Path | BinaryIO) -> None:
+def module_to_onnx(module: nn.Module, image_size: int, target: str | Path) -> None:
     """Write `module` as ONNX with a dynamic batch axis.
 
     The TorchScript-based exporter is used while torch still ships it: on a 2-core machine it
@@ -147,25 +146,20 @@ def module_to_onnx(module: nn.Module, image_size: int, target: str | Path | Bina
         warnings.simplefilter("ignore")  # deprecation notices about the exporter, not about the model
         try:
             torch.onnx.export(
-                module, (example,), target, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                module, (example,), str(target), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                 dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
                 opset_version=ONNX_OPSET, dynamo=False,
             )
             return
         except (TypeError, RuntimeError, NotImplementedError):
-            if isinstance(target, io.IOBase):
-                target.seek(0)
-                target.truncate()
+            pass  # this torch has no TorchScript-based exporter (or it failed): use torch.export
         program = torch.onnx.export(
             module, (example,), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
             dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, verbose=False,
         )
     if program is None:
         raise ExportError("torch.onnx.export returned nothing", fix="upgrade torch and onnxscript")
-    if isinstance(target, (str, Path)):
-        program.save(str(target))
-    else:
-        target.write(program.model_proto.SerializeToString())
+    program.save(str(target))
 
 
 def module_to_torchscript(module: nn.Module, image_size: int) -> torch.jit.ScriptModule:
@@ -288,7 +282,7 @@ def generated_images(count: int, *, size: int = 96, seed: int = 0) -> list[Any]:
     ramp = np.linspace(0, 1, size)
     out = []
     for _ in range(count):
-        low, high = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+        low, high = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
         array = low + np.outer(ramp, np.ones(size))[..., None] * (high - low)
         array = array + rng.normal(0, 20, (size, size, 3))
         x, y, w = *rng.integers(0, size // 2, 2), int(rng.integers(size // 8, size // 2))

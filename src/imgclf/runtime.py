@@ -136,12 +136,14 @@ class FrozenForward:
 
 def _onnx_runner(module: nn.Module, image_size: int) -> Callable[[np.ndarray], list[np.ndarray]]:
     """Convert `module` to ONNX in memory; returns a function with OpenVINO's call signature."""
-    import io
+    import tempfile
+    from pathlib import Path
 
     from imgclf.export import module_to_onnx, onnx_session
 
-    buffer = io.BytesIO()
-    module_to_onnx(module, image_size, buffer)
-    session = onnx_session(buffer.getvalue())
+    with tempfile.TemporaryDirectory(prefix="imgclf-onnx-") as folder:
+        path = Path(folder) / "model.onnx"
+        module_to_onnx(module, image_size, path)
+        session = onnx_session(path.read_bytes())
     name = session.get_inputs()[0].name
     return lambda array: session.run(None, {name: array})

@@ -198,7 +198,9 @@ def create_app(model: Model, *, settings: ServeSettings | None = None) -> FastAP
         "/predict",
         summary="Top-k labels for one or more images",
         description="Send images as multipart/form-data (any field name, one or more files) or one "
-        "image as the raw body (Content-Type image/* or application/octet-stream).",
+        "image as the raw body (Content-Type image/* or application/octet-stream). `model_ms` is the time "
+        "from decoded images to probabilities, including any wait for the model; `total_ms` adds reading "
+        "and decoding the body.",
         openapi_extra={"requestBody": {"required": True, "content": {
             "multipart/form-data": {"schema": {"type": "object", "properties": {
                 "file": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},

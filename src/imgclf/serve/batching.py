@@ -48,7 +48,8 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         try:
             while self.pending:
-                group, images = [], 0
+                group: list[tuple[torch.Tensor, asyncio.Future[np.ndarray]]] = []
+                images = 0
                 # Always take at least one request, even one larger than max_images.
                 while self.pending and (not group or images + len(self.pending[0][0]) <= self.max_images):
                     item = self.pending.pop(0)
