@@ -93,7 +93,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     width = max(len(c) for c in metrics["classes"])
     print(f"\n  {'class':<{width}}  precision  recall     f1  support")
     for name, row in metrics["per_class"].items():
-        print(f"  {name:<{width}}  {row['precision']:9.4f}  {row['recall']:6.4f}  {row['f1']:5.4f}  {row['support']:7d}")
+        scores = f"{row['precision']:9.4f}  {row['recall']:6.4f}  {row['f1']:5.4f}  {row['support']:7d}"
+        print(f"  {name:<{width}}  {scores}")
     if metrics["skipped_files"]:
         print(f"\n  skipped {len(metrics['skipped_files'])} unreadable file(s)")
     print(f"\nconfusion matrix: {metrics['confusion_matrix_png']}")

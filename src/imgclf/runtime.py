@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Callable, Iterator
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import numpy as np
@@ -36,7 +36,7 @@ def pick_device(requested: str = "auto") -> torch.device:
     return device
 
 
-@lru_cache(maxsize=None)
+@cache
 def cpu_has_native_bf16() -> bool:
     """True on CPUs with AMX or AVX512-BF16 (e.g. Intel Sapphire Rapids)."""
     capability = torch.backends.cpu.get_cpu_capability()

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from imgclf.backbones import Backbone, create_backbone
+from imgclf.backbones import Backbone, create_backbone, resolve_backbone
 from imgclf.bundle import Model, library_versions
 from imgclf.config import TrainConfig, resolve_config, save_yaml
 from imgclf.data.pipeline import ImageStore, Preprocessing
@@ -84,15 +84,6 @@ def _store(images: ImageSet, prep: Preprocessing, cfg: TrainConfig, budget: int,
     return store
 
 
-def _metrics(
-    model: ImageClassifier, store: ImageStore, classes: list[str], cfg: TrainConfig, device: torch.device
-) -> dict[str, Any]:
-    _, _, probs, labels = evaluate_store(
-        model, store, batch_size=cfg.batch_size, device=device, precision=cfg.precision
-    )
-    return classification_metrics(probs, labels, classes)
-
-
 def train(config: TrainConfig | None = None, **overrides: Any) -> Model:
     """Train a classifier and write its bundle to `config.out`.
 
@@ -119,6 +110,7 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> Model:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {cfg.out!r} is a file", fix="pass a folder path for the bundle")
+    resolve_backbone(cfg.backbone)  # a typo in the name fails now, not after reading the data
 
     dataset = load_dataset(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
     for warning in dataset.warnings:
@@ -136,10 +128,11 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> Model:
     log(f"input: {prep.image_size} px, {prep.interpolation}, mean {prep.mean}, std {prep.std}; "
         f"device {device}, {str(dtype).replace('torch.', '')}")
 
-    model, probe_info, history, stores = _fit(backbone, dataset, prep, cfg, device, dtype)
-    metrics = {"val": _metrics(model, stores["val"], dataset.classes, cfg, device)}
-    if "test" in stores:
-        metrics["test"] = _metrics(model, stores["test"], dataset.classes, cfg, device)
+    model, probe_info, history, stores, predictions = _fit(backbone, dataset, prep, cfg, device, dtype)
+    metrics = {
+        split: classification_metrics(probs, labels, dataset.classes)
+        for split, (probs, labels) in predictions.items()
+    }
     skipped = [{"path": p, "reason": r} for s in stores.values() for p, r in s.failed]
     meta = {
         "backbone": {
@@ -198,8 +191,18 @@ def _fit(
     cfg: TrainConfig,
     device: torch.device,
     dtype: torch.dtype,
-) -> tuple[ImageClassifier, dict[str, Any], list[dict[str, Any]], dict[str, ImageStore]]:
-    """Fit the head on frozen features, then (finetune) train the whole network."""
+) -> tuple[
+    ImageClassifier,
+    dict[str, Any],
+    list[dict[str, Any]],
+    dict[str, ImageStore],
+    dict[str, tuple[np.ndarray, np.ndarray]],
+]:
+    """Fit the head on frozen features, then (finetune) train the whole network.
+
+    Returns the model, probe details, the epoch history, the stores, and the (probabilities,
+    labels) of the final model on val and test.
+    """
     budget = memory_budget(cfg.memory_fraction)
     finetune = cfg.recipe == "finetune"
     # The probe reads every image once, so streaming costs nothing extra; fine-tuning re-reads
@@ -226,13 +229,27 @@ def _fit(
     probe_info = {"l2": probe.l2, "val_accuracy": probe.val_accuracy,
                   "scores": {f"{k:g}": v for k, v in probe.scores.items()}, "images": len(train_y)}
     history: list[dict[str, Any]] = []
-    if finetune:
-        epochs = DEFAULT_FINETUNE_EPOCHS if cfg.epochs is None else cfg.epochs
+    predictions: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    epochs = DEFAULT_FINETUNE_EPOCHS if cfg.epochs is None else cfg.epochs
+    if finetune and epochs > 0:
         result = fit(model, stores["train"], stores["val"], cfg, epochs=epochs, device=device, dtype=dtype)
         history = result.history
-        if result.history:
-            log(f"best epoch {result.best_epoch}: val accuracy {result.best_val_accuracy:.4f}")
-    return model.cpu().eval(), probe_info, history, stores
+        log(f"best epoch {result.best_epoch}: val accuracy {result.best_val_accuracy:.4f}")
+        for split in ("val", "test"):
+            if split in stores:
+                _, _, probs, labels = evaluate_store(
+                    model, stores[split], batch_size=cfg.batch_size, device=device, precision=cfg.precision
+                )
+                predictions[split] = (probs, labels)
+    else:
+        # The backbone did not change: score the probe's head on features already computed.
+        outputs = {"val": (val_x, val_y)}
+        if "test" in stores:
+            outputs["test"] = run_frozen(forward, stores["test"], batch_size=cfg.batch_size, desc="features test")
+        with torch.no_grad():
+            for split, (x, y) in outputs.items():
+                predictions[split] = (torch.softmax(probe.head(x), 1).numpy(), y.numpy())
+    return model.cpu().eval(), probe_info, history, stores, predictions
 
 
 class _SubsetStore(ImageStore):
