@@ -7,6 +7,8 @@ import argparse
 from imgclf.errors import ImgclfError
 
 RUNTIMES = ["auto", "torch", "onnx", "openvino"]
+# The same as imgclf.serve.server's; repeated so that building the parser needs no FastAPI.
+DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
 
 
 def add_export(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -37,8 +39,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def add_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from imgclf.serve.server import DEFAULT_HOST, DEFAULT_PORT
-
     p = sub.add_parser("serve", help="serve a bundle over HTTP with a web page at /")
     p.add_argument("model", metavar="DIR")
     p.add_argument("--host", default=DEFAULT_HOST, help=f"bind address (default {DEFAULT_HOST}, this machine only)")
@@ -53,7 +53,11 @@ def add_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from imgclf.serve import ServeSettings, run_server
+    try:
+        from imgclf.serve import ServeSettings, run_server
+    except ImportError as exc:
+        raise ImgclfError(f"serving needs FastAPI and uvicorn ({exc})",
+                          fix="pip install 'imgclf[serve]' (fastapi, uvicorn, python-multipart)") from None
 
     if args.top_k < 1 or args.max_concurrency < 1 or args.max_body_mb <= 0:
         raise ImgclfError("--top-k and --max-concurrency must be at least 1, --max-body-mb above 0")

@@ -13,6 +13,7 @@ that fails the check is deleted and an `ExportError` says by how much it missed.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
 import warnings
@@ -104,6 +105,7 @@ def export_model(
     path = _output_path(out, bundle_dir, format)
     batch, source = parity_batch(model, images, bundle_dir)
 
+    _check_installed(format)
     path.parent.mkdir(parents=True, exist_ok=True)
     size = model.preprocessing.image_size
     module = model.module.float().eval()
@@ -336,6 +338,14 @@ def _output_path(out: str | Path | None, bundle_dir: Path | None, format: str) -
     if bundle_dir is None:
         raise ExportError("no output path", fix="pass out= when exporting a loaded Model")
     return bundle_dir / f"model{FORMATS[format]}"
+
+
+def _check_installed(format: str) -> None:
+    needed = {"onnx": ["onnx", "onnxruntime"], "openvino": ["openvino"]}.get(format, [])
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ExportError(f"the {format} export needs {', '.join(missing)}, which is not installed",
+                          fix="pip install 'imgclf[export]'" if format == "onnx" else f"pip install {missing[0]}")
 
 
 def _artefacts(path: Path, format: str) -> list[Path]:
