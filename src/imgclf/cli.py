@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from imgclf.cli_ship import add_export, add_serve
 from imgclf.errors import ImgclfError
 
 EXIT_USAGE = 2
@@ -149,7 +150,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--format", choices=["table", "json", "csv"], default="table")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--runtime", choices=["auto", "torch", "openvino"], default="auto")
+    p.add_argument("--runtime", choices=["auto", "torch", "onnx", "openvino"], default="auto")
     p.set_defaults(handler=cmd_predict)
 
 
@@ -294,6 +295,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 COMMANDS: Sequence[Callable[[argparse._SubParsersAction], None]] = (  # type: ignore[type-arg]
     _add_train, _add_check, _add_evaluate, _add_predict, _add_backbones, _add_demo, _add_report, _add_summary,
+    add_export, add_serve,
 )
 
 

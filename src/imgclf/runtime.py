@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import cache
+from typing import Any
 
 import numpy as np
 import torch
@@ -80,7 +81,8 @@ class FrozenForward:
 
     On a CPU with OpenVINO installed, the module is converted once for the given input size and
     run there (fp32, or bf16 where the CPU has it natively and precision allows). Otherwise it
-    runs in PyTorch with channels_last and autocast.
+    runs in PyTorch with channels_last and autocast. `runtime="onnx"` converts it to ONNX in
+    memory and runs it in onnxruntime (fp32).
 
     Example:
         >>> forward = FrozenForward(model, image_size=160)  # doctest: +SKIP
@@ -102,7 +104,7 @@ class FrozenForward:
         if runtime == "auto":
             runtime = "openvino" if self.device.type == "cpu" and openvino_available() else "torch"
         self.runtime = runtime
-        self._compiled = None
+        self._compiled: Callable[[np.ndarray], Any] | None = None
         if runtime == "openvino":
             import openvino as ov
 
@@ -115,8 +117,10 @@ class FrozenForward:
             ov_model.reshape({0: ov.PartialShape([-1, 3, image_size, image_size])})
             hint = "bf16" if self.dtype == torch.bfloat16 else "f32"
             self._compiled = ov.Core().compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": hint})
+        elif runtime == "onnx":
+            self._compiled = _onnx_runner(self.module, image_size)
         elif runtime != "torch":
-            raise ConfigError(f"unknown runtime {runtime!r}", expected="auto, torch or openvino")
+            raise ConfigError(f"unknown runtime {runtime!r}", expected="auto, torch, onnx or openvino")
         else:
             self.module.to(self.device, memory_format=torch.channels_last)
 
@@ -128,3 +132,18 @@ class FrozenForward:
         with torch.inference_mode(), autocast(self.device, self.dtype):
             x = batch.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             return self.module(x).float().cpu()
+
+
+def _onnx_runner(module: nn.Module, image_size: int) -> Callable[[np.ndarray], list[np.ndarray]]:
+    """Convert `module` to ONNX in memory; returns a function with OpenVINO's call signature."""
+    import tempfile
+    from pathlib import Path
+
+    from imgclf.export import module_to_onnx, onnx_session
+
+    with tempfile.TemporaryDirectory(prefix="imgclf-onnx-") as folder:
+        path = Path(folder) / "model.onnx"
+        module_to_onnx(module, image_size, path)
+        session = onnx_session(path.read_bytes())
+    name = session.get_inputs()[0].name
+    return lambda array: session.run(None, {name: array})

@@ -1,0 +1,57 @@
+"""The web page, driven by a real browser: upload an image, see the expected label at the top.
+
+Needs Debian's chromium and Playwright for Python (the browser is Debian's, so `playwright install`
+is not needed):
+
+    apt-get install -y chromium
+    pip install playwright
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _server import running_server
+from conftest import CLASS_COLOURS, make_image
+
+import imgclf
+from imgclf.serve import ServeSettings, create_app
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync",
+]
+
+
+def test_upload_on_page_shows_expected_label(tiny_bundle: Path, tmp_path: Path) -> None:
+    sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed (pip install playwright)")
+    if not Path(CHROMIUM).is_file():
+        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    image = tmp_path / "green.png"
+    make_image(CLASS_COLOURS[1], np.random.default_rng(5), size=64).save(image)
+
+    app = create_app(imgclf.load(tiny_bundle), settings=ServeSettings(runtime="torch"))
+    with running_server(app) as url, sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+            page.goto(url + "/")
+            sync_api.expect(page.locator("#status")).to_contain_text("ready", timeout=30_000)
+            sync_api.expect(page.locator("#model-info")).to_contain_text("3 classes")
+
+            page.set_input_files("#file", str(image))
+            first = page.locator("#results li").first.locator(".label")
+            sync_api.expect(first).to_have_text("class_1", timeout=30_000)
+            assert page.locator("#results li").count() == 3  # top-5, capped at the 3 classes
+            sync_api.expect(page.locator("#latency")).to_contain_text("ms in the model")
+            assert page.locator("#preview").is_visible()
+            assert not errors, errors
+        finally:
+            browser.close()
