@@ -41,6 +41,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"])
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--workers", type=int, help="decode threads (default: one per core)")
+    p.add_argument("--resume", action="store_true", default=None, help="continue from --out's newest checkpoint")
+    p.add_argument("--checkpoint-minutes", type=float, help="minutes between checkpoints within an epoch (10)")
+    p.add_argument("--deterministic", action="store_true", default=None,
+                   help="bit-identical results for the same seed (deterministic kernels, fixed threads)")
+    p.add_argument("--tensorboard", action="store_true", default=None, help="also write TensorBoard logs")
     p.set_defaults(handler=cmd_train)
 
 
@@ -54,7 +59,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         for k in (
             "data", "out", "backbone", "recipe", "epochs", "image_size", "batch_size", "seed",
             "weights", "random_init", "val_fraction", "lr", "augment", "flip", "patience",
-            "precision", "device", "workers",
+            "precision", "device", "workers", "resume", "checkpoint_minutes", "deterministic", "tensorboard",
         )
     }
     cfg = resolve_config(file_values, **flags)

@@ -65,6 +65,13 @@ class TrainConfig:
     workers: int = 0  # decode threads; 0 = one per core
     memory_fraction: float = 0.4  # decoded images stay in RAM while they fit in this share of it
 
+    # run safety (training/checkpoint.py): a checkpoint after the head fit, every epoch, and
+    # every `checkpoint_minutes` within an epoch; `resume` continues from the newest one in `out`.
+    checkpoint_minutes: float = 10.0  # minutes of training between checkpoints; 0 = after every batch
+    resume: bool = False
+    deterministic: bool = False  # deterministic kernels, fixed threads: same seed, same bits (slower)
+    tensorboard: bool = False  # also write TensorBoard event files to out/tensorboard
+
     def __post_init__(self) -> None:
         validate(self)
 
@@ -97,6 +104,7 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.augment in ("none", "light", "standard"), "augment", "none, light or standard"),
         (cfg.workers >= 0, "workers", "an integer >= 0"),
         (0 < cfg.memory_fraction <= 0.9, "memory_fraction", "a fraction in (0, 0.9]"),
+        (cfg.checkpoint_minutes >= 0, "checkpoint_minutes", "a number of minutes >= 0"),
     ]
     for ok, name, expected in checks:
         if not ok:

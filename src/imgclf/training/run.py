@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from torch import nn
 
 from imgclf.backbones import Backbone, create_backbone
 from imgclf.bundle import Model, library_versions
@@ -22,10 +23,13 @@ from imgclf.data.sources import Dataset, ImageSet, load_dataset, stratified_spli
 from imgclf.errors import ConfigError
 from imgclf.evaluation import classification_metrics, plot_confusion
 from imgclf.model import ImageClassifier
-from imgclf.progress import log
+from imgclf.progress import log, log_to_file
 from imgclf.runtime import FrozenForward, compute_dtype, pick_device
-from imgclf.training.finetune import evaluate_store, fit
+from imgclf.training.checkpoint import Checkpointer
+from imgclf.training.finetune import Callback, evaluate_store, fit
 from imgclf.training.probe import fit_probe, run_frozen
+from imgclf.training.reproducible import make_deterministic
+from imgclf.training.runlog import MetricsLog, TensorBoardLog
 
 DEFAULT_FINETUNE_EPOCHS = 5  # with early stopping on val accuracy (patience 3)
 MIN_IMAGE_SIZE = 96  # below this lite0/ResNet final feature maps are 3x3 or smaller
@@ -114,11 +118,25 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> Model:
         cfg = dataclasses.replace(config, **overrides) if overrides else config
     if not cfg.data or not cfg.out:
         raise ConfigError("train needs both data and out", fix="imgclf train DATA --out DIR")
-    started = time.perf_counter()
-    torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {cfg.out!r} is a file", fix="pass a folder path for the bundle")
+    out.mkdir(parents=True, exist_ok=True)
+    with log_to_file(out / "train.log"):
+        return _train(cfg, out)
+
+
+def _train(cfg: TrainConfig, out: Path) -> Model:
+    started = time.perf_counter()
+    if cfg.deterministic:
+        log(f"deterministic: on, {make_deterministic(cfg.seed)} thread(s)")
+    else:
+        torch.manual_seed(cfg.seed)
+    checkpointer = Checkpointer.open(cfg)
+    save_yaml(cfg, out / "config.yaml")
+    callbacks: list[Callback] = [MetricsLog(out, history=checkpointer.resumed_history())]
+    if cfg.tensorboard:
+        callbacks.append(TensorBoardLog(out, first_epoch=len(checkpointer.resumed_history()) + 1))
 
     dataset = load_dataset(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
     for warning in dataset.warnings:
@@ -136,7 +154,7 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> Model:
     log(f"input: {prep.image_size} px, {prep.interpolation}, mean {prep.mean}, std {prep.std}; "
         f"device {device}, {str(dtype).replace('torch.', '')}")
 
-    model, probe_info, history, stores = _fit(backbone, dataset, prep, cfg, device, dtype)
+    model, probe_info, history, stores = _fit(backbone, dataset, prep, cfg, device, dtype, checkpointer, callbacks)
     metrics = {"val": _metrics(model, stores["val"], dataset.classes, cfg, device)}
     if "test" in stores:
         metrics["test"] = _metrics(model, stores["test"], dataset.classes, cfg, device)
@@ -163,7 +181,7 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> Model:
     }
     trained = Model(model, dataset.classes, prep, meta)
     trained.save(out)
-    save_yaml(cfg, out / "config.yaml")
+    checkpointer.finish()
     (out / "history.json").write_text(json.dumps(history, indent=2), encoding="utf-8")
     for split, values in metrics.items():
         plot_confusion(values["confusion_matrix"], dataset.classes, out / f"confusion_{split}.png",
@@ -198,6 +216,8 @@ def _fit(
     cfg: TrainConfig,
     device: torch.device,
     dtype: torch.dtype,
+    checkpointer: Checkpointer,
+    callbacks: list[Callback],
 ) -> tuple[ImageClassifier, dict[str, Any], list[dict[str, Any]], dict[str, ImageStore]]:
     """Fit the head on frozen features, then (finetune) train the whole network."""
     budget = memory_budget(cfg.memory_fraction)
@@ -210,6 +230,33 @@ def _fit(
     }
     if dataset.test is not None:
         stores["test"] = _store(dataset.test, prep, cfg, 0, "test")
+    if checkpointer.resume_from is not None:  # the head was fitted before the interruption
+        model = ImageClassifier(backbone.model, nn.Linear(backbone.num_features, len(dataset.classes)))
+        probe_info = checkpointer.restore_model(model)
+    else:
+        model, probe_info = _fit_head(backbone, dataset, prep, cfg, device, stores)
+        checkpointer.save_head(model, probe_info)
+    history: list[dict[str, Any]] = []
+    if finetune:
+        epochs = DEFAULT_FINETUNE_EPOCHS if cfg.epochs is None else cfg.epochs
+        result = fit(model, stores["train"], stores["val"], cfg, epochs=epochs, device=device, dtype=dtype,
+                     callbacks=callbacks, checkpointer=checkpointer)
+        history = result.history
+        if result.history:
+            log(f"best epoch {result.best_epoch}: val accuracy {result.best_val_accuracy:.4f}")
+    return model.cpu().eval(), probe_info, history, stores
+
+
+def _fit_head(
+    backbone: Backbone,
+    dataset: Dataset,
+    prep: Preprocessing,
+    cfg: TrainConfig,
+    device: torch.device,
+    stores: dict[str, ImageStore],
+) -> tuple[ImageClassifier, dict[str, Any]]:
+    """The linear probe: a logistic-regression head on frozen features (finetune: of a subset)."""
+    finetune = cfg.recipe == "finetune"
     forward = FrozenForward(backbone.model, image_size=prep.image_size, device=device, precision=cfg.precision)
     log(f"frozen forward runs on {forward.runtime}")
     head_store = stores["train"]
@@ -225,14 +272,7 @@ def _fit(
     model = ImageClassifier(backbone.model, probe.head)
     probe_info = {"l2": probe.l2, "val_accuracy": probe.val_accuracy,
                   "scores": {f"{k:g}": v for k, v in probe.scores.items()}, "images": len(train_y)}
-    history: list[dict[str, Any]] = []
-    if finetune:
-        epochs = DEFAULT_FINETUNE_EPOCHS if cfg.epochs is None else cfg.epochs
-        result = fit(model, stores["train"], stores["val"], cfg, epochs=epochs, device=device, dtype=dtype)
-        history = result.history
-        if result.history:
-            log(f"best epoch {result.best_epoch}: val accuracy {result.best_val_accuracy:.4f}")
-    return model.cpu().eval(), probe_info, history, stores
+    return model, probe_info
 
 
 class _SubsetStore(ImageStore):
