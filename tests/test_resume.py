@@ -1,0 +1,165 @@
+"""Checkpoints and exact resume: a run killed at random moments ends with the same weights.
+
+The crash test starts `imgclf train --deterministic` as a subprocess, kills it with SIGKILL again
+and again (at random moments, and deliberately in the middle of checkpoint writes), resumes it
+each time, and checks that every checkpoint on disk always loads and that the final weights are
+bit-identical to those of a run that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_BACKBONE, make_image_folder
+from safetensors.torch import load_file
+
+from imgclf.training import checkpoint as ckpt
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+KILLS = 10  # SIGKILLs per crash test, at least MID_WRITE_KILLS of them inside a checkpoint write
+MID_WRITE_KILLS = 3
+
+
+def train_args(data: Path, out: Path, epochs: int = 3) -> list[str]:
+    return [
+        "train", str(data), "--out", str(out), "--backbone", TINY_BACKBONE, "--random-init",
+        "--recipe", "finetune", "--image-size", "32", "--batch-size", "4", "--epochs", str(epochs),
+        "--deterministic", "--checkpoint-minutes", "0",
+    ]
+
+
+@pytest.fixture
+def torch_runtime(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, str]:
+    """Run frozen forwards in PyTorch, here and in subprocesses.
+
+    OpenVINO takes seconds to convert the model for every validation pass, which would dominate
+    these tests; in subprocesses a stub package that fails to import turns it off.
+    """
+    import imgclf.runtime
+
+    monkeypatch.setattr(imgclf.runtime, "openvino_available", lambda: False)
+    stub = tmp_path / "no_openvino" / "openvino"
+    stub.mkdir(parents=True)
+    (stub / "__init__.py").write_text("raise ImportError('openvino is disabled in this test')\n")
+    env = dict(os.environ, PYTHONPATH=f"{stub.parent}{os.pathsep}{SRC}", IMGCLF_OFFLINE="1", IMGCLF_PROGRESS="0")
+    env.pop(ckpt.PAUSE_ENV, None)
+    return env
+
+
+@pytest.fixture
+def restore_torch_settings():
+    """`--deterministic` in this process changes global torch settings; put them back afterwards."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic)
+
+
+def newest_seq(out: Path) -> int:
+    folders = ckpt.checkpoint_folders(out)
+    return int(folders[-1].name[5:]) if folders else 0
+
+
+def temp_checkpoint(out: Path) -> bool:
+    folder = out / ckpt.CHECKPOINTS
+    return folder.is_dir() and any(p.name.startswith(ckpt.TEMP_PREFIX + "ckpt-") for p in folder.iterdir())
+
+
+def wait_for(condition, proc: subprocess.Popen, timeout: float = 120.0) -> bool:
+    """Poll `condition` every 10 ms until it holds (True) or the process ends (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.01)
+    raise AssertionError("the training process made no progress in time")
+
+
+def assert_all_checkpoints_load(out: Path) -> None:
+    for folder in ckpt.checkpoint_folders(out):
+        ckpt.read_checkpoint(folder)  # raises CheckpointError if any is incomplete or corrupt
+
+
+def final_state(out: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
+    """(bundle weights, newest checkpoint's tensors, its loop/result state without timings)."""
+    last = ckpt.latest_checkpoint(out)
+    assert last is not None
+    tensors = {k: v for k, v in last.tensors.items() if not k.startswith("rng.")}
+    state = {"loop": dict(last.state["loop"]), "result": last.state["result"], "scheduler": last.state["scheduler"]}
+    state["loop"].pop("seconds")
+    for record in state["result"]["history"]:
+        for key in ("train_seconds", "train_images_per_s"):
+            record.pop(key)
+    return load_file(str(out / "model.safetensors")), tensors, state
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def test_killed_run_resumes_to_identical_weights(
+    tmp_path: Path, torch_runtime: dict[str, str], restore_torch_settings: None
+) -> None:
+    import imgclf
+    from imgclf.cli import main
+
+    data = make_image_folder(tmp_path / "data", classes=3, per_class=8, size=32)
+    reference = tmp_path / "reference"
+    assert main(train_args(data, reference)) == 0  # in this process: saves one interpreter start
+    assert (reference / "metrics.jsonl").read_text().count("\n") == 3
+
+    out = tmp_path / "crashed"
+    rng = random.Random(7)
+    kills = mid_write = 0
+    command = [sys.executable, "-m", "imgclf", *train_args(data, out), "--resume"]
+    for attempt in range(40):
+        aim_at_write = mid_write < MID_WRITE_KILLS and attempt % 3 == 1
+        env = dict(torch_runtime, **{ckpt.PAUSE_ENV: "3"}) if aim_at_write else torch_runtime
+        before = newest_seq(out)
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        if kills >= KILLS:
+            _, err = proc.communicate(timeout=300)
+            assert proc.returncode == 0, err.decode()[-2000:]
+            break
+        if aim_at_write:
+            running = wait_for(lambda: temp_checkpoint(out), proc)
+            time.sleep(rng.uniform(0.0, 0.5))  # inside the 3 s pause between the two files
+        else:
+            running = wait_for(lambda: newest_seq(out) > before, proc)
+            time.sleep(rng.uniform(0.0, 0.3))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+            mid_write += aim_at_write and temp_checkpoint(out)
+        _, err = proc.communicate(timeout=60)
+        if not running or proc.returncode == 0:
+            assert proc.returncode == 0, err.decode()[-2000:]
+            break
+        assert_all_checkpoints_load(out)
+    assert kills >= KILLS and mid_write >= MID_WRITE_KILLS, (kills, mid_write)
+    assert not temp_checkpoint(out), "the last start should have removed the killed writes' temp folders"
+    assert_all_checkpoints_load(out)
+
+    bundle_a, tensors_a, state_a = final_state(reference)
+    bundle_b, tensors_b, state_b = final_state(out)
+    assert_same(bundle_a, bundle_b)
+    assert_same(tensors_a, tensors_b)  # last weights, best weights and optimizer moments
+    assert state_a == state_b
+    # The resumed run's folder explains itself like an uninterrupted one.
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2, 3]
+    assert "resuming from ckpt-" in (out / "train.log").read_text()
+    assert imgclf.load(out).classes == ["class_0", "class_1", "class_2"]
