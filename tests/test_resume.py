@@ -163,3 +163,84 @@ def test_killed_run_resumes_to_identical_weights(
     assert [r["epoch"] for r in lines] == [1, 2, 3]
     assert "resuming from ckpt-" in (out / "train.log").read_text()
     assert imgclf.load(out).classes == ["class_0", "class_1", "class_2"]
+
+
+def test_nan_loss_stops_at_once_and_keeps_the_last_good_checkpoint(
+    tmp_path: Path, torch_runtime: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import imgclf
+    from imgclf.training.finetune import NonFiniteLossError
+
+    class PoisonedLoss(torch.nn.CrossEntropyLoss):
+        calls = 0
+
+        def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            PoisonedLoss.calls += 1
+            loss = super().forward(logits, target)
+            return loss * float("nan") if PoisonedLoss.calls == 7 else loss
+
+    data = make_image_folder(tmp_path / "data", classes=3, per_class=6, size=32)  # 15 train: 4 steps/epoch
+    out = tmp_path / "run"
+    options = dict(data=str(data), out=str(out), backbone=TINY_BACKBONE, random_init=True, recipe="finetune",
+                   image_size=32, batch_size=4, epochs=2, checkpoint_minutes=0.0)
+    monkeypatch.setattr(torch.nn, "CrossEntropyLoss", PoisonedLoss)
+    with pytest.raises(NonFiniteLossError) as caught:
+        imgclf.train(**options)
+    message = str(caught.value)
+    assert "the loss became nan at epoch 2, step 2" in message and "positions [" in message and ".png" in message
+    assert PoisonedLoss.calls == 7  # stopped on the first bad step
+    last = ckpt.latest_checkpoint(out)
+    assert last is not None and (last.state["loop"]["epoch"], last.state["loop"]["step"]) == (2, 2)
+    assert_all_checkpoints_load(out)  # nothing written after the bad step, nothing with bad weights
+    assert not (out / "model.safetensors").exists()
+
+    # The kept checkpoint is good: the run resumes from it and finishes.
+    monkeypatch.undo()
+    monkeypatch.setattr("imgclf.runtime.openvino_available", lambda: False)
+    with pytest.raises(imgclf.ImgclfError, match="unfinished run"):
+        imgclf.train(**options)  # without --resume the unfinished run is never overwritten
+    model = imgclf.train(**options, resume=True)
+    assert [r["epoch"] for r in model.meta["history"]] == [1, 2]
+
+
+def test_checkpoint_refuses_non_finite_weights(tmp_path: Path) -> None:
+    from imgclf.config import TrainConfig
+    from imgclf.model import ImageClassifier
+    from imgclf.training.finetune import FitResult, LoopState, NonFiniteLossError
+
+    model = ImageClassifier(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    with torch.no_grad():
+        model.head.weight[0, 0] = float("inf")
+    checkpointer = ckpt.Checkpointer(tmp_path, TrainConfig(data="d", out=str(tmp_path)), None)
+    with pytest.raises(NonFiniteLossError, match="NaN or inf"):
+        checkpointer.save_fit(model, None, None, LoopState(epoch=1, step=3), FitResult())  # type: ignore[arg-type]
+    assert not (tmp_path / ckpt.CHECKPOINTS).exists()
+
+
+def test_resume_refuses_different_options(tmp_path: Path) -> None:
+    from imgclf.config import TrainConfig
+    from imgclf.errors import ConfigError
+
+    cfg = TrainConfig(data="d", out=str(tmp_path), lr=1e-3)
+    model = torch.nn.Linear(2, 2)
+    checkpointer = ckpt.Checkpointer(tmp_path, cfg, None)
+    checkpointer._write({"stage": "head"}, ckpt._tensors("model", model.state_dict()))
+    with pytest.raises(ConfigError, match="lr: 0.001 then, 0.01 now"):
+        ckpt.Checkpointer.open(TrainConfig(data="d", out=str(tmp_path), lr=1e-2, resume=True))
+    # Where and how fast it runs may change.
+    assert ckpt.Checkpointer.open(TrainConfig(data="d", out=str(tmp_path), workers=1, resume=True)).resume_from
+
+
+def test_stale_temp_folders_are_removed_and_old_checkpoints_pruned(tmp_path: Path) -> None:
+    from imgclf.config import TrainConfig
+
+    cfg = TrainConfig(data="d", out=str(tmp_path))
+    checkpointer = ckpt.Checkpointer(tmp_path, cfg, None)
+    for _ in range(4):
+        checkpointer._write({"stage": "head"}, ckpt._tensors("model", torch.nn.Linear(2, 2).state_dict()))
+    assert [p.name for p in ckpt.checkpoint_folders(tmp_path)] == ["ckpt-000003", "ckpt-000004"]
+    stale = tmp_path / ckpt.CHECKPOINTS / ".tmp-ckpt-000005-999"
+    stale.mkdir()
+    (stale / ckpt.TENSORS_FILE).write_bytes(b"half a file")
+    resumed = ckpt.Checkpointer.open(TrainConfig(data="d", out=str(tmp_path), resume=True))
+    assert not stale.exists() and resumed.resume_from is not None and resumed.resume_from.seq == 4
