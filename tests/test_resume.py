@@ -110,13 +110,53 @@ def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
 
 
+class SimulatedCrash(Exception):
+    """Raised right after a chosen checkpoint write, as if the process had died there."""
+
+
+def test_resume_after_head_fit_mid_epoch_and_epoch_end_is_exact(
+    tmp_path: Path, torch_runtime: dict[str, str], restore_torch_settings: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fast, in-process variant of the crash test below (which needs `-m slow`)."""
+    import imgclf
+
+    data = make_image_folder(tmp_path / "data", classes=3, per_class=6, size=32)  # 15 train: 4 steps/epoch
+    options = dict(data=str(data), backbone=TINY_BACKBONE, random_init=True, recipe="finetune", image_size=32,
+                   batch_size=4, epochs=2, deterministic=True, checkpoint_minutes=0.0)
+    imgclf.train(**options, out=str(tmp_path / "reference"))
+
+    # Writes: 1 = after the head fit, 2-5 = after each batch of epoch 1, 6 = end of epoch 1, ...
+    crash_after = {1, 3, 6}
+    write = ckpt.Checkpointer._write
+
+    def write_then_crash(self: ckpt.Checkpointer, values: dict, tensors: dict) -> None:
+        write(self, values, tensors)
+        if self.seq in crash_after:
+            crash_after.remove(self.seq)
+            raise SimulatedCrash(self.seq)
+
+    monkeypatch.setattr(ckpt.Checkpointer, "_write", write_then_crash)
+    out = tmp_path / "crashed"
+    for _ in range(3):
+        with pytest.raises(SimulatedCrash):
+            imgclf.train(**options, out=str(out), resume=True)
+    imgclf.train(**options, out=str(out), resume=True)
+    assert not crash_after
+    bundle_a, tensors_a, state_a = final_state(tmp_path / "reference")
+    bundle_b, tensors_b, state_b = final_state(out)
+    assert_same(bundle_a, bundle_b)
+    assert_same(tensors_a, tensors_b)
+    assert state_a == state_b
+
+
+@pytest.mark.slow  # 11 interpreter starts: about 130 s of CPU time
 def test_killed_run_resumes_to_identical_weights(
     tmp_path: Path, torch_runtime: dict[str, str], restore_torch_settings: None
 ) -> None:
     import imgclf
     from imgclf.cli import main
 
-    data = make_image_folder(tmp_path / "data", classes=3, per_class=8, size=32)
+    data = make_image_folder(tmp_path / "data", classes=3, per_class=6, size=32)  # 15 train: 4 steps/epoch
     reference = tmp_path / "reference"
     assert main(train_args(data, reference)) == 0  # in this process: saves one interpreter start
     assert (reference / "metrics.jsonl").read_text().count("\n") == 3
@@ -134,12 +174,15 @@ def test_killed_run_resumes_to_identical_weights(
             _, err = proc.communicate(timeout=300)
             assert proc.returncode == 0, err.decode()[-2000:]
             break
-        if aim_at_write:
+        if attempt == 0:  # anywhere in start-up, data loading or the head fit
+            running = True
+            time.sleep(rng.uniform(1.0, 4.0))
+        elif aim_at_write:
             running = wait_for(lambda: temp_checkpoint(out), proc)
             time.sleep(rng.uniform(0.0, 0.5))  # inside the 3 s pause between the two files
         else:
-            running = wait_for(lambda: newest_seq(out) > before, proc)
-            time.sleep(rng.uniform(0.0, 0.3))
+            running = wait_for(lambda before=before: newest_seq(out) > before, proc)
+            time.sleep(rng.uniform(0.0, 0.2))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
@@ -236,7 +279,7 @@ def test_stale_temp_folders_are_removed_and_old_checkpoints_pruned(tmp_path: Pat
 
     cfg = TrainConfig(data="d", out=str(tmp_path))
     checkpointer = ckpt.Checkpointer(tmp_path, cfg, None)
-    for _ in range(4):
+    for _ in range(3):
         checkpointer._write({"stage": "head"}, ckpt._tensors("model", torch.nn.Linear(2, 2).state_dict()))
     assert [p.name for p in ckpt.checkpoint_folders(tmp_path)] == ["ckpt-000003", "ckpt-000004"]
     stale = tmp_path / ckpt.CHECKPOINTS / ".tmp-ckpt-000005-999"

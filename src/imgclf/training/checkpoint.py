@@ -241,7 +241,8 @@ class Checkpointer:
 
     Example:
         >>> checkpoints = Checkpointer.open(cfg)  # doctest: +SKIP
-        >>> fit(model, train, val, cfg, epochs=5, device=cpu, dtype=torch.float32, checkpointer=checkpoints)  # doctest: +SKIP
+        >>> fit(model, train, val, cfg, epochs=5, device=cpu, dtype=dtype,  # doctest: +SKIP
+        ...     checkpointer=checkpoints)
     """
 
     def __init__(self, out: Path, cfg: TrainConfig, resume_from: Checkpoint | None) -> None:
@@ -329,7 +330,8 @@ class Checkpointer:
         for name, tensor in checkpoint.part("optimizer").items():
             index, key = name.split(".", 1)
             moments.setdefault(int(index), {})[key] = tensor
-        groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in saved["optimizer"]["param_groups"]]
+        groups = [{k: tuple(v) if k == "betas" else v for k, v in group.items()}  # JSON made the tuple a list
+                  for group in saved["optimizer"]["param_groups"]]
         optimizer.load_state_dict({"state": moments, "param_groups": groups})
         # Moments in the same memory layout as their weights, as a fresh optimizer makes them.
         for group in optimizer.param_groups:
