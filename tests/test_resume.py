@@ -279,7 +279,7 @@ def test_stale_temp_folders_are_removed_and_old_checkpoints_pruned(tmp_path: Pat
 
     cfg = TrainConfig(data="d", out=str(tmp_path))
     checkpointer = ckpt.Checkpointer(tmp_path, cfg, None)
-    for _ in range(3):
+    for _ in range(4):
         checkpointer._write({"stage": "head"}, ckpt._tensors("model", torch.nn.Linear(2, 2).state_dict()))
     assert [p.name for p in ckpt.checkpoint_folders(tmp_path)] == ["ckpt-000003", "ckpt-000004"]
     stale = tmp_path / ckpt.CHECKPOINTS / ".tmp-ckpt-000005-999"
