@@ -102,7 +102,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def remove_stale(folder: Path) -> list[Path]:
     """Delete the `.tmp-*` and `.trash-*` leftovers of killed writes in `folder`; returns them."""
-    removed = []
+    removed: list[Path] = []
     if not folder.is_dir():
         return removed
     for item in folder.iterdir():

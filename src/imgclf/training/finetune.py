@@ -210,7 +210,7 @@ def fit(
         return result
     # One memory layout for the weights whatever ran before (inputs are channels_last too), so a
     # resumed run uses the same kernels, and so the same float rounding, as an uninterrupted one.
-    model.to(device, memory_format=torch.channels_last)
+    model.to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]
     model.set_backbone_trainable(True, freeze_bn=cfg.freeze_bn)
     optimizer = torch.optim.AdamW(param_groups(model, cfg))
     steps_per_epoch = math.ceil(len(train_store) / cfg.batch_size)
