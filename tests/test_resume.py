@@ -287,3 +287,16 @@ def test_stale_temp_folders_are_removed_and_old_checkpoints_pruned(tmp_path: Pat
     (stale / ckpt.TENSORS_FILE).write_bytes(b"half a file")
     resumed = ckpt.Checkpointer.open(TrainConfig(data="d", out=str(tmp_path), resume=True))
     assert not stale.exists() and resumed.resume_from is not None and resumed.resume_from.seq == 4
+
+
+def test_tensorboard_without_the_package_says_how_to_get_it(tmp_path: Path) -> None:
+    import imgclf
+    from imgclf.errors import ConfigError
+    from imgclf.training.runlog import tensorboard_available
+
+    if tensorboard_available():
+        pytest.skip("tensorboard is installed")
+    data = make_image_folder(tmp_path / "data", per_class=4, size=32)
+    with pytest.raises(ConfigError, match="pip install tensorboard"):
+        imgclf.train(data=str(data), out=str(tmp_path / "run"), backbone=TINY_BACKBONE, random_init=True,
+                     recipe="probe", image_size=32, tensorboard=True)
