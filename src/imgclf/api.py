@@ -26,12 +26,19 @@ def load(folder: str | Path) -> Model:
 
 
 def evaluate(
-    model_dir: str | Path, data: str, *, batch_size: int = 64, runtime: str = "auto", write: bool = True
+    model_dir: str | Path,
+    data: str,
+    *,
+    batch_size: int = 64,
+    runtime: str = "auto",
+    write: bool = True,
+    tta: bool = False,
 ) -> dict[str, Any]:
     """Score a bundle on DATA: the test split when DATA has one, else all of its images.
 
-    Writes `evaluation.json` and `confusion_matrix.png` into the bundle folder unless `write`
-    is False.
+    With `tta`, metrics["tta"] also holds accuracy, top-5 and macro-F1 with and without test-time
+    augmentation (the image and its mirror averaged; see imgclf.tta). Writes `evaluation.json` and
+    `confusion_matrix.png` into the bundle folder unless `write` is False.
 
     Example:
         >>> imgclf.evaluate("runs/pets", "pets/")["accuracy"]  # doctest: +SKIP
@@ -40,8 +47,20 @@ def evaluate(
     model = Model.load(model_dir)
     images, split = load_eval_split(data, model.classes)
     store = ImageStore(images, model.preprocessing, memory_budget=0, description="decode")
-    probs, labels = model.predict_store(store, batch_size=batch_size, runtime=runtime, desc="evaluate")
+    tta_metrics = None
+    if tta:
+        from imgclf.calibration import softmax
+        from imgclf.tta import collect_predictions, tta_summary
+
+        predictions = collect_predictions(model.forward_function(runtime), store, batch_size=batch_size, tta=True,
+                                          desc="evaluate")
+        probs, labels = softmax(predictions.logits, model.temperature), predictions.labels
+        tta_metrics = tta_summary(predictions, model.classes, model.temperature)
+    else:
+        probs, labels = model.predict_store(store, batch_size=batch_size, runtime=runtime, desc="evaluate")
     metrics = classification_metrics(probs, labels, model.classes)
+    if tta_metrics is not None:
+        metrics["tta"] = tta_metrics
     metrics.update(
         data=str(data),
         split=split,

@@ -105,7 +105,8 @@ def resolve_backbone(name: str) -> BackboneEntry:
     arch = name.split(".", 1)[0]
     if timm.is_model(arch):
         return BackboneEntry(name=name, timm_name=name, summary="timm model")
-    candidates = list(_REGISTRY) + timm.list_models()
+    # Curated names first, so that they lead the suggestions when equally close.
+    candidates = list(dict.fromkeys(list(_REGISTRY) + timm.list_models()))
     close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.6)
     raise BackboneError(
         f"unknown backbone {name!r}",
@@ -263,16 +264,16 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], *, by_position: 
         source_items = [(k, v) for k, v in state.items() if not k.endswith("num_batches_tracked")]
         target_items = list(target.items())
         if len(source_items) >= len(target_items) and all(
-            sv.shape == tv.shape for (_, sv), (_, tv) in zip(source_items, target_items)
+            sv.shape == tv.shape for (_, sv), (_, tv) in zip(source_items, target_items, strict=False)
         ):
             model.load_state_dict(
-                {tk: sv for (tk, _), (_, sv) in zip(target_items, source_items)}, strict=False
+                {tk: sv for (tk, _), (_, sv) in zip(target_items, source_items, strict=False)}, strict=False
             )
             return
         first = next(
             (
                 f"{sk} {tuple(sv.shape)} vs {tk} {tuple(tv.shape)}"
-                for (sk, sv), (tk, tv) in zip(source_items, target_items)
+                for (sk, sv), (tk, tv) in zip(source_items, target_items, strict=False)
                 if sv.shape != tv.shape
             ),
             f"{len(source_items)} tensors for {len(target_items)}",
@@ -296,7 +297,13 @@ class Backbone:
 
     @property
     def num_features(self) -> int:
-        return int(self.model.num_features)  # type: ignore[arg-type]
+        """Width of the pooled features the headless model returns.
+
+        timm's `num_features` is the width before any pre-logits layer; models that have one
+        (MobileNetV3, VGG) return `head_hidden_size` features instead.
+        """
+        width = getattr(self.model, "head_hidden_size", None) or self.model.num_features
+        return int(width)  # type: ignore[arg-type]
 
 
 def create_backbone(

@@ -195,7 +195,7 @@ class Model:
             image_set = ImageSet(paths=[f for _, f in files], labels=positions)
             store = ImageStore(image_set, self.preprocessing, memory_budget=2**30, description="decode")
             probs, kept = self.predict_store(store, batch_size=batch_size, runtime=runtime)
-            for row, position in zip(probs, kept):
+            for row, position in zip(probs, kept, strict=False):
                 i, path = files[int(position)]
                 results[i] = Prediction(path, self._top(row, top_k))
             failed = dict(store.failed)
@@ -206,11 +206,11 @@ class Model:
         if pil:
             from imgclf.data.decode import to_rgb
 
-            batch = torch.stack([image_to_tensor(to_rgb(x), size, self.preprocessing.interpolation) for _, x in pil])
-            probs_t = torch.cat(
-                [self.probabilities(batch[j : j + batch_size], runtime=runtime) for j in range(0, len(batch), batch_size)]
-            ).numpy()
-            for (i, _), row in zip(pil, probs_t):
+            interpolation = self.preprocessing.interpolation
+            batch = torch.stack([image_to_tensor(to_rgb(x), size, interpolation) for _, x in pil])
+            chunks = [batch[j : j + batch_size] for j in range(0, len(batch), batch_size)]
+            probs_t = torch.cat([self.probabilities(chunk, runtime=runtime) for chunk in chunks]).numpy()
+            for (i, _), row in zip(pil, probs_t, strict=False):
                 results[i] = Prediction(f"<image {i}>", self._top(row, top_k))
         missing = [i for i, r in enumerate(results) if r is None]
         if missing:

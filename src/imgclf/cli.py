@@ -78,13 +78,14 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--runtime", choices=["auto", "torch", "openvino"], default="auto")
+    p.add_argument("--tta", action="store_true", help="also score the image + its mirror averaged (2x the cost)")
     p.set_defaults(handler=cmd_evaluate)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from imgclf.api import evaluate
 
-    metrics = evaluate(args.model, args.data, batch_size=args.batch_size, runtime=args.runtime)
+    metrics = evaluate(args.model, args.data, batch_size=args.batch_size, runtime=args.runtime, tta=args.tta)
     if args.json:
         print(json.dumps(metrics))
         return 0
@@ -97,7 +98,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     width = max(len(c) for c in metrics["classes"])
     print(f"\n  {'class':<{width}}  precision  recall     f1  support")
     for name, row in metrics["per_class"].items():
-        print(f"  {name:<{width}}  {row['precision']:9.4f}  {row['recall']:6.4f}  {row['f1']:5.4f}  {row['support']:7d}")
+        scores = f"{row['precision']:9.4f}  {row['recall']:6.4f}  {row['f1']:5.4f}  {row['support']:7d}"
+        print(f"  {name:<{width}}  {scores}")
+    if metrics.get("tta"):
+        tta = metrics["tta"]
+        print(f"\n  test-time augmentation ({tta['method']}):")
+        for key in ("accuracy", "top5_accuracy", "macro_f1"):
+            print(f"  {key:<18} {tta[key + '_without']:.4f} without, {tta[key]:.4f} with")
     if metrics["skipped_files"]:
         print(f"\n  skipped {len(metrics['skipped_files'])} unreadable file(s)")
     print(f"\nconfusion matrix: {metrics['confusion_matrix_png']}")
@@ -199,8 +206,41 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_report(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("report", help="write an HTML evaluation report (figures, galleries, calibration)")
+    p.add_argument("model", metavar="DIR")
+    p.add_argument("data", metavar="DATA", nargs="?", help="the training data (default: as recorded in the bundle)")
+    p.add_argument("--out", help="report folder (default DIR/report)")
+    p.add_argument("--tta", action="store_true", help="also score the image + its mirror averaged (2x the cost)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--runtime", choices=["auto", "torch", "openvino"], default="auto")
+    p.add_argument("--screenshot", metavar="PNG", help="also save a full-page PNG (needs playwright + chromium)")
+    p.set_defaults(handler=cmd_report)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from imgclf.report import write_report
+
+    html = write_report(args.model, args.data, tta=args.tta, out=args.out, batch_size=args.batch_size,
+                        device=args.device, runtime=args.runtime)
+    metrics = json.loads((html.parent / "metrics.json").read_text(encoding="utf-8"))
+    m, c = metrics["metrics"], metrics["calibration"]
+    print(f"{metrics['split']}: accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f} ({m['num_images']} images)")
+    print(f"calibration: T = {c['temperature']:.3f} (fitted on val, stored in the bundle); "
+          f"ECE {c['ece_before']:.4f} -> {c['ece_after']:.4f}")
+    if metrics.get("tta"):
+        print(f"TTA: accuracy {metrics['tta']['accuracy_without']:.4f} -> {metrics['tta']['accuracy']:.4f}")
+    if args.screenshot:
+        from imgclf.report.screenshot import take_screenshot
+
+        print(f"screenshot: {take_screenshot(html, args.screenshot)}")
+    print(f"report: {html}")
+    return 0
+
+
 COMMANDS: Sequence[Callable[[argparse._SubParsersAction], None]] = (  # type: ignore[type-arg]
-    _add_train, _add_evaluate, _add_predict, _add_backbones, _add_demo,
+    _add_train, _add_evaluate, _add_predict, _add_backbones, _add_demo, _add_report,
 )
 
 

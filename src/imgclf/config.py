@@ -58,7 +58,7 @@ class TrainConfig:
     head_fit_images: int = 10000  # at most this many train images are used to fit the first head
 
     # probe: a multinomial logistic regression on frozen features; L2 strength picked on val.
-    probe_l2: list[float] = field(default_factory=lambda: [1e-5, 1e-4, 1e-3, 1e-2])
+    probe_l2: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 3e-2, 1e-1])
 
     precision: Precision = "auto"  # auto = bf16 where the CPU/GPU runs it natively
     device: str = "auto"  # auto, cpu, cuda, cuda:N

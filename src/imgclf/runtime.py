@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Iterator
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import torch
@@ -35,7 +35,7 @@ def pick_device(requested: str = "auto") -> torch.device:
     return device
 
 
-@lru_cache(maxsize=None)
+@cache
 def cpu_has_native_bf16() -> bool:
     """True on CPUs with AMX or AVX512-BF16 (e.g. Intel Sapphire Rapids)."""
     capability = torch.backends.cpu.get_cpu_capability()

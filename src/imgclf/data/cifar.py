@@ -75,6 +75,7 @@ class _ArrayUnpickler(pickle.Unpickler):
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
+        ("_codecs", "encode"),  # protocol-2 pickles written by Python 3 encode bytes this way
     }
 
     def find_class(self, module: str, name: str) -> Any:

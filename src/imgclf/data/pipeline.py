@@ -149,8 +149,8 @@ class ImageStore:
             return indices, self._tensor[torch.from_numpy(indices)]
         with ThreadPoolExecutor(self.workers) as pool:
             results = list(pool.map(lambda j: self._decode(self.images, int(j)), indices))
-        kept = [i for i, r in zip(indices, results) if not isinstance(r, UnreadableImageError)]
-        for i, r in zip(indices, results):
+        kept = [i for i, r in zip(indices, results, strict=False) if not isinstance(r, UnreadableImageError)]
+        for i, r in zip(indices, results, strict=False):
             if isinstance(r, UnreadableImageError):
                 self.failed.append((self.images.paths[i], r.reason))
         tensors = [r for r in results if not isinstance(r, UnreadableImageError)]

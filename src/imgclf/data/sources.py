@@ -85,7 +85,7 @@ class Dataset:
             "classes": self.classes,
             "val_from_train": self.val_from_train,
             "counts": {
-                name: dict(zip(self.classes, split.class_counts(n)))
+                name: dict(zip(self.classes, split.class_counts(n), strict=False))
                 for name, split in splits.items()
                 if split is not None
             },
@@ -390,7 +390,7 @@ def load_eval_split(data: str, classes: list[str]) -> tuple[ImageSet, str]:
     index = {c: i for i, c in enumerate(classes)}
     if data.lower() in cifar.NAMES:
         _, test, data_classes = cifar.load_cifar(data.lower())
-        named = [(p, data_classes[i]) for p, i in zip(test.paths, test.labels)]
+        named = [(p, data_classes[i]) for p, i in zip(test.paths, test.labels, strict=False)]
         return _relabel(named, index, classes, data, arrays=test.arrays), f"{data.lower()} test"
     path = Path(data).expanduser()
     if not path.exists():

@@ -41,22 +41,34 @@ class ProbeResult:
 
 
 def fit_logistic(
-    features: torch.Tensor, labels: torch.Tensor, num_classes: int, *, l2: float, max_iter: int = 300
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    *,
+    l2: float,
+    max_iter: int = 150,
+    init: nn.Linear | None = None,
 ) -> nn.Linear:
     """Multinomial logistic regression with L2 penalty, fitted by full-batch L-BFGS.
 
     Features are standardised for conditioning; the scaling is folded back into the returned
-    layer, so it applies to raw features.
+    layer, so it applies to raw features. `init` (a layer from this function) warm-starts the fit.
     """
-    x = features.double()
+    x = features.float()
     mean = x.mean(0)
     std = x.std(0).clamp_min(1e-6)
     z = (x - mean) / std
     y = labels.long()
-    weight = torch.zeros(num_classes, x.shape[1], dtype=torch.float64, requires_grad=True)
-    bias = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+    weight = torch.zeros(num_classes, x.shape[1])
+    bias = torch.zeros(num_classes)
+    if init is not None:  # undo the folding: W_z = W * std, b_z = b + W @ mean
+        weight = init.weight.detach() * std
+        bias = init.bias.detach() + init.weight.detach() @ mean
+    weight.requires_grad_(True)
+    bias.requires_grad_(True)
     optimizer = torch.optim.LBFGS(
-        [weight, bias], lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe"
+        [weight, bias], lr=1.0, max_iter=max_iter, history_size=20,
+        tolerance_change=1e-7, line_search_fn="strong_wolfe",
     )
 
     def closure() -> torch.Tensor:
@@ -69,8 +81,8 @@ def fit_logistic(
     layer = nn.Linear(x.shape[1], num_classes)
     with torch.no_grad():
         folded = weight / std
-        layer.weight.copy_(folded.float())
-        layer.bias.copy_((bias - folded @ mean).float())
+        layer.weight.copy_(folded)
+        layer.bias.copy_(bias - folded @ mean)
     return layer
 
 
@@ -84,12 +96,14 @@ def fit_probe(
 ) -> ProbeResult:
     """Fit one head per L2 strength and keep the one with the best validation accuracy.
 
+    Strengths are tried from strongest to weakest, each fit warm-started from the previous one.
     Ties go to the stronger penalty (the simpler model).
     """
     best: ProbeResult | None = None
     scores: dict[float, float] = {}
+    head: nn.Linear | None = None
     for l2 in sorted(l2_grid, reverse=True):
-        head = fit_logistic(train_x, train_y, num_classes, l2=l2)
+        head = fit_logistic(train_x, train_y, num_classes, l2=l2, init=head)
         with torch.no_grad():
             acc = float((head(val_x).argmax(1) == val_y).float().mean()) if len(val_y) else 0.0
         scores[l2] = acc

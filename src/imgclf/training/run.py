@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from imgclf.backbones import Backbone, create_backbone
+from imgclf.backbones import Backbone, create_backbone, resolve_backbone
 from imgclf.bundle import Model, library_versions
 from imgclf.config import TrainConfig, resolve_config, save_yaml
 from imgclf.data.pipeline import ImageStore, Preprocessing
@@ -88,15 +88,6 @@ def _store(images: ImageSet, prep: Preprocessing, cfg: TrainConfig, budget: int,
     return store
 
 
-def _metrics(
-    model: ImageClassifier, store: ImageStore, classes: list[str], cfg: TrainConfig, device: torch.device
-) -> dict[str, Any]:
-    _, _, probs, labels = evaluate_store(
-        model, store, batch_size=cfg.batch_size, device=device, precision=cfg.precision
-    )
-    return classification_metrics(probs, labels, classes)
-
-
 def train(config: TrainConfig | None = None, **overrides: Any) -> Model:
     """Train a classifier and write its bundle to `config.out`.
 
@@ -121,6 +112,7 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> Model:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {cfg.out!r} is a file", fix="pass a folder path for the bundle")
+    resolve_backbone(cfg.backbone)  # a typo in the name fails now, not after reading the data
     out.mkdir(parents=True, exist_ok=True)
     with log_to_file(out / "train.log"):
         return _train(cfg, out)
@@ -154,10 +146,13 @@ def _train(cfg: TrainConfig, out: Path) -> Model:
     log(f"input: {prep.image_size} px, {prep.interpolation}, mean {prep.mean}, std {prep.std}; "
         f"device {device}, {str(dtype).replace('torch.', '')}")
 
-    model, probe_info, history, stores = _fit(backbone, dataset, prep, cfg, device, dtype, checkpointer, callbacks)
-    metrics = {"val": _metrics(model, stores["val"], dataset.classes, cfg, device)}
-    if "test" in stores:
-        metrics["test"] = _metrics(model, stores["test"], dataset.classes, cfg, device)
+    model, probe_info, history, stores, predictions = _fit(
+        backbone, dataset, prep, cfg, device, dtype, checkpointer, callbacks
+    )
+    metrics = {
+        split: classification_metrics(probs, labels, dataset.classes)
+        for split, (probs, labels) in predictions.items()
+    }
     skipped = [{"path": p, "reason": r} for s in stores.values() for p, r in s.failed]
     meta = {
         "backbone": {
@@ -191,6 +186,9 @@ def _train(cfg: TrainConfig, out: Path) -> Model:
             "".join(f"{s['path']}\t{s['reason']}\n" for s in skipped), encoding="utf-8"
         )
         log(f"warning: skipped {len(skipped)} unreadable file(s); list in {out / 'skipped_files.txt'}")
+    from imgclf.report.build import report_after_training
+
+    report_after_training(trained, dataset, out, stores=stores, batch_size=cfg.batch_size, device=cfg.device)
     summary = ", ".join(f"{k} accuracy {v['accuracy']:.4f}" for k, v in metrics.items())
     log(f"done in {meta['wall_seconds']:.0f} s: {summary}; bundle in {out}")
     return trained
@@ -218,8 +216,18 @@ def _fit(
     dtype: torch.dtype,
     checkpointer: Checkpointer,
     callbacks: list[Callback],
-) -> tuple[ImageClassifier, dict[str, Any], list[dict[str, Any]], dict[str, ImageStore]]:
-    """Fit the head on frozen features, then (finetune) train the whole network."""
+) -> tuple[
+    ImageClassifier,
+    dict[str, Any],
+    list[dict[str, Any]],
+    dict[str, ImageStore],
+    dict[str, tuple[np.ndarray, np.ndarray]],
+]:
+    """Fit the head on frozen features, then (finetune) train the whole network.
+
+    Returns the model, probe details, the epoch history, the stores, and the (probabilities,
+    labels) of the final model on val and test.
+    """
     budget = memory_budget(cfg.memory_fraction)
     finetune = cfg.recipe == "finetune"
     # The probe reads every image once, so streaming costs nothing extra; fine-tuning re-reads
@@ -230,21 +238,28 @@ def _fit(
     }
     if dataset.test is not None:
         stores["test"] = _store(dataset.test, prep, cfg, 0, "test")
+    predictions: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     if checkpointer.resume_from is not None:  # the head was fitted before the interruption
         model = ImageClassifier(backbone.model, nn.Linear(backbone.num_features, len(dataset.classes)))
         probe_info = checkpointer.restore_model(model)
     else:
-        model, probe_info = _fit_head(backbone, dataset, prep, cfg, device, stores)
+        model, probe_info, predictions = _fit_head(backbone, dataset, prep, cfg, device, stores)
         checkpointer.save_head(model, probe_info)
     history: list[dict[str, Any]] = []
-    if finetune:
-        epochs = DEFAULT_FINETUNE_EPOCHS if cfg.epochs is None else cfg.epochs
+    epochs = DEFAULT_FINETUNE_EPOCHS if cfg.epochs is None else cfg.epochs
+    if finetune and epochs > 0:
         result = fit(model, stores["train"], stores["val"], cfg, epochs=epochs, device=device, dtype=dtype,
                      callbacks=callbacks, checkpointer=checkpointer)
         history = result.history
-        if result.history:
-            log(f"best epoch {result.best_epoch}: val accuracy {result.best_val_accuracy:.4f}")
-    return model.cpu().eval(), probe_info, history, stores
+        log(f"best epoch {result.best_epoch}: val accuracy {result.best_val_accuracy:.4f}")
+    if not predictions:  # fine-tuned, or resumed without the probe's features
+        for split in ("val", "test"):
+            if split in stores:
+                _, _, probs, labels = evaluate_store(
+                    model, stores[split], batch_size=cfg.batch_size, device=device, precision=cfg.precision
+                )
+                predictions[split] = (probs, labels)
+    return model.cpu().eval(), probe_info, history, stores, predictions
 
 
 def _fit_head(
@@ -254,8 +269,12 @@ def _fit_head(
     cfg: TrainConfig,
     device: torch.device,
     stores: dict[str, ImageStore],
-) -> tuple[ImageClassifier, dict[str, Any]]:
-    """The linear probe: a logistic-regression head on frozen features (finetune: of a subset)."""
+) -> tuple[ImageClassifier, dict[str, Any], dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """The linear probe: a logistic-regression head on frozen features (finetune: of a subset).
+
+    Returns the model, probe details, and, when the backbone will not be fine-tuned, the head's
+    (probabilities, labels) on val and test, computed from the features already at hand.
+    """
     finetune = cfg.recipe == "finetune"
     forward = FrozenForward(backbone.model, image_size=prep.image_size, device=device, precision=cfg.precision)
     log(f"frozen forward runs on {forward.runtime}")
@@ -272,7 +291,16 @@ def _fit_head(
     model = ImageClassifier(backbone.model, probe.head)
     probe_info = {"l2": probe.l2, "val_accuracy": probe.val_accuracy,
                   "scores": {f"{k:g}": v for k, v in probe.scores.items()}, "images": len(train_y)}
-    return model, probe_info
+    predictions: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    if not finetune or cfg.epochs == 0:
+        # The backbone will not change: score the probe's head on features already computed.
+        outputs = {"val": (val_x, val_y)}
+        if "test" in stores:
+            outputs["test"] = run_frozen(forward, stores["test"], batch_size=cfg.batch_size, desc="features test")
+        with torch.no_grad():
+            for split, (x, y) in outputs.items():
+                predictions[split] = (torch.softmax(probe.head(x), 1).numpy(), y.numpy())
+    return model, probe_info, predictions
 
 
 class _SubsetStore(ImageStore):
