@@ -17,6 +17,7 @@ import difflib
 import fnmatch
 import importlib.util
 import os
+import pickle
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,6 +172,12 @@ def offline_status(entry: BackboneEntry) -> str | None:
     return None
 
 
+def torch_load_is_safe() -> bool:
+    """True for torch >= 2.6, whose `torch.load(weights_only=True)` has no known code-execution hole."""
+    major, minor = (int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+    return (major, minor) >= (2, 6)
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read tensors from a safetensors file or a plain state-dict `.pth` (never full unpickling).
 
@@ -180,13 +187,28 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise BackboneError(f"weights file {str(path)!r} does not exist", fix="check the --weights path")
+    if path.suffix != ".safetensors" and not torch_load_is_safe():
+        raise BackboneError(
+            f"refusing to read {str(path)!r}: torch {torch.__version__} cannot load .pth files safely",
+            expected="a .safetensors file (torch < 2.6 runs code hidden in .pth files even with "
+            "weights_only=True, CVE-2025-32434)",
+            fix="convert the file to safetensors on a trusted machine, or upgrade to torch >= 2.6",
+        )
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
             state = load_file(str(path))
         else:
+            # weights_only: tensors and plain containers only; never falls back to full unpickling.
             state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise BackboneError(
+            f"refusing to read weights file {str(path)!r}: it holds Python objects besides tensors, "
+            f"which could run code when loaded ({str(exc).splitlines()[0][:200]})",
+            expected="a .safetensors file, or a .pth holding only a state dict of tensors",
+            fix="get the weights as .safetensors, or re-save only the state dict on a machine you trust",
+        ) from None
     except Exception as exc:  # safetensors, pickle and zip errors differ by version
         raise BackboneError(
             f"cannot read weights file {str(path)!r}: {type(exc).__name__}: {str(exc)[:300]}",

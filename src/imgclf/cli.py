@@ -49,6 +49,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                    help="class-weighted loss (probe and fine-tuning) for skewed classes")
     p.add_argument("--max-minutes", type=float,
                    help="wall-time limit in minutes: after the first epoch, none starts that would end past it")
+    p.add_argument("--resume", action="store_true", default=None, help="continue from --out's newest checkpoint")
+    p.add_argument("--checkpoint-minutes", type=float, help="minutes between checkpoints within an epoch (10)")
+    p.add_argument("--deterministic", action="store_true", default=None,
+                   help="bit-identical results for the same seed (deterministic kernels, fixed threads)")
+    p.add_argument("--tensorboard", action="store_true", default=None, help="also write TensorBoard logs")
     p.set_defaults(handler=cmd_train)
 
 
@@ -63,6 +68,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             "data", "out", "backbone", "recipe", "epochs", "image_size", "batch_size", "seed",
             "weights", "random_init", "val_fraction", "lr", "augment", "flip", "patience",
             "precision", "device", "workers", "max_bad_fraction", "balance", "max_minutes",
+            "resume", "checkpoint_minutes", "deterministic", "tensorboard",
         )
     }
     cfg = resolve_config(file_values, **flags)

@@ -68,12 +68,19 @@ class TrainConfig:
     max_minutes: float | None = None  # wall-time limit in min; after epoch 1 none starts that would pass it
 
     # probe: a multinomial logistic regression on frozen features; L2 strength picked on val.
-    probe_l2: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 3e-2, 1e-1])
+    probe_l2: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0])
 
     precision: Precision = "auto"  # auto = bf16 where the CPU/GPU runs it natively
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     workers: int = 0  # decode threads; 0 = one per core
     memory_fraction: float = 0.4  # decoded images stay in RAM while they fit in this share of it
+
+    # run safety (training/checkpoint.py): a checkpoint after the head fit, every epoch, and
+    # every `checkpoint_minutes` within an epoch; `resume` continues from the newest one in `out`.
+    checkpoint_minutes: float = 10.0  # minutes of training between checkpoints; 0 = after every batch
+    resume: bool = False
+    deterministic: bool = False  # deterministic kernels, fixed threads: same seed, same bits (slower)
+    tensorboard: bool = False  # also write TensorBoard event files to out/tensorboard
 
     def __post_init__(self) -> None:
         validate(self)
@@ -109,6 +116,7 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.workers >= 0, "workers", "an integer >= 0"),
         (0 < cfg.memory_fraction <= 0.9, "memory_fraction", "a fraction in (0, 0.9]"),
         (0 <= cfg.max_bad_fraction <= 1, "max_bad_fraction", "a fraction in [0, 1]"),
+        (cfg.checkpoint_minutes >= 0, "checkpoint_minutes", "a number of minutes >= 0"),
     ]
     for ok, name, expected in checks:
         if not ok:

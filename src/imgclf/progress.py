@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-from typing import Any
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, TextIO
 
 from tqdm import tqdm
 
@@ -27,6 +31,29 @@ def progress(*, total: int, desc: str, unit: str = "img", **kwargs: Any) -> tqdm
     )
 
 
+_LOG_FILES: list[TextIO] = []
+
+
 def log(message: str) -> None:
-    """One line of the run's narrative, on stderr."""
+    """One line of the run's narrative, on stderr (and, with a timestamp, in any `log_to_file`)."""
     tqdm.write(message, file=sys.stderr)
+    for handle in _LOG_FILES:
+        handle.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+        handle.flush()
+
+
+@contextlib.contextmanager
+def log_to_file(path: str | Path) -> Iterator[None]:
+    """Also append every `log` line to `path` (e.g. a run's train.log) while the block runs.
+
+    Example:
+        >>> with log_to_file("runs/x/train.log"):  # doctest: +SKIP
+        ...     log("epoch 1/5: ...")
+    """
+    handle = open(path, "a", encoding="utf-8")
+    _LOG_FILES.append(handle)
+    try:
+        yield
+    finally:
+        _LOG_FILES.remove(handle)
+        handle.close()

@@ -5,6 +5,10 @@ steps from wrecking the pretrained features). Then the backbone is unfrozen with
 rate than the head (discriminative learning rates), AdamW with warmup and cosine decay, label
 smoothing, batched augmentation and mixed precision where the hardware runs it natively.
 Training stops early when validation accuracy stops improving, and the best epoch is kept.
+
+Everything the loop needs to continue is in `LoopState`; with a `checkpointer` (see
+`training/checkpoint.py`) it is saved after every epoch and every few minutes within one, and a
+resumed run continues at the exact batch, with the same augmentation draws, as one that never stopped.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -42,6 +46,47 @@ class FitResult:
     best_epoch: int = 0
     best_val_accuracy: float = 0.0
     stopped_early: bool = False
+
+
+@dataclass
+class LoopState:
+    """Where the loop stands; with the model, optimizer and scheduler, enough to continue exactly."""
+
+    epoch: int = 1  # the epoch to run or continue (1-based)
+    step: int = 0  # batches of `epoch` already trained on
+    seen: int = 0  # images of `epoch` trained on so far
+    correct: int = 0  # of those, predicted right
+    loss_sum: float = 0.0  # summed per-image loss of `epoch` so far
+    seconds: float = 0.0  # training time of `epoch` so far, s
+    since_best: int = 0  # finished epochs since the best val accuracy (early stopping)
+    augment_generator: torch.Generator | None = None  # this epoch's augmentation RNG, mid-epoch
+    best_state: dict[str, torch.Tensor] | None = None  # weights of the best epoch so far
+    start_lr: float = 0.0  # the head's learning rate when `epoch` began (for its history record)
+
+
+class Checkpointer(Protocol):
+    """What `fit` needs from `training.checkpoint.Checkpointer`."""
+
+    def restore_fit(self, model: ImageClassifier, optimizer: torch.optim.Optimizer, scheduler: Any,
+                    state: LoopState, result: FitResult) -> None: ...
+
+    def due(self) -> bool: ...
+
+    def save_fit(self, model: ImageClassifier, optimizer: torch.optim.Optimizer, scheduler: Any,
+                 state: LoopState, result: FitResult) -> None: ...
+
+
+class NonFiniteLossError(ImgclfError):
+    """The loss became NaN or inf: training stops before the weights are updated with it."""
+
+
+def epoch_order(count: int, cfg: TrainConfig, epoch: int) -> np.ndarray:
+    """The order of the training images in `epoch`: a permutation drawn from (seed, epoch) alone."""
+    order = np.random.default_rng(cfg.seed * 1000 + epoch).permutation(count)
+    # Drop a last batch of a single image: BatchNorm in train mode cannot use it.
+    if len(order) % cfg.batch_size == 1 and len(order) > 1:
+        order = order[:-1]
+    return order
 
 
 def param_groups(model: ImageClassifier, cfg: TrainConfig) -> list[dict[str, Any]]:
@@ -90,17 +135,20 @@ def train_one_epoch(
     cfg: TrainConfig,
     device: torch.device,
     dtype: torch.dtype,
+    state: LoopState | None = None,
+    on_step: Callable[[], None] | None = None,
 ) -> dict[str, float]:
+    """Train on one epoch's batches, from `state.step` on; `on_step` runs after every batch."""
     model.set_backbone_trainable(True, freeze_bn=cfg.freeze_bn)
-    generator = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-    order = np.random.default_rng(cfg.seed * 1000 + epoch).permutation(len(store))
-    # Drop a last batch of a single image: BatchNorm in train mode cannot use it.
-    if len(order) % cfg.batch_size == 1 and len(order) > 1:
-        order = order[:-1]
-    seen, correct, loss_sum = 0, 0, 0.0
-    start = time.perf_counter()
-    bar = progress(total=len(order), desc=f"epoch {epoch}")
-    for step, (indices, batch) in enumerate(store.batches(order, cfg.batch_size)):
+    state = state if state is not None else LoopState(epoch=epoch)
+    if state.step == 0 or state.augment_generator is None:
+        state.augment_generator = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+    generator = state.augment_generator
+    order = epoch_order(len(store), cfg, epoch)
+    start = time.perf_counter() - state.seconds
+    bar = progress(total=len(order), desc=f"epoch {epoch}", initial=min(state.step * cfg.batch_size, len(order)))
+    batches = store.batches(order[state.step * cfg.batch_size :], cfg.batch_size)
+    for step, (indices, batch) in enumerate(batches, start=state.step):
         images = augment(batch, generator) if augment is not None else batch
         x = normalize(images, store.prep).to(device, non_blocking=True)
         y = store.labels[torch.from_numpy(indices)].to(device, non_blocking=True)
@@ -108,27 +156,36 @@ def train_one_epoch(
             logits = model(x)
             loss = criterion(logits.float(), y)
         if not torch.isfinite(loss):
-            raise ImgclfError(
-                f"the loss became {loss.item()} at epoch {epoch}, step {step}",
+            bar.close()
+            paths = [store.images.paths[int(i)] for i in indices[:4]] if hasattr(store, "images") else []
+            raise NonFiniteLossError(
+                f"the loss became {loss.item()} at epoch {epoch}, step {step} (batch of {len(indices)} images: "
+                f"positions {indices[:8].tolist()}{', e.g. ' + ', '.join(paths) if paths else ''}); "
+                "training stopped before these weights were updated or saved",
                 expected="a finite loss",
-                fix="lower --lr (e.g. by 10x) or check the input images",
+                fix="lower --lr (e.g. by 10x) or check the input images; the last good checkpoint is kept",
             )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
-        seen += len(indices)
-        correct += int((logits.argmax(1) == y).sum())
-        loss_sum += loss.item() * len(indices)
+        state.step = step + 1
+        state.seen += len(indices)
+        state.correct += int((logits.argmax(1) == y).sum())
+        state.loss_sum += loss.item() * len(indices)
+        state.seconds = time.perf_counter() - start
         bar.update(len(indices))
-        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", refresh=False)
+        bar.set_postfix(loss=f"{state.loss_sum / state.seen:.3f}", acc=f"{state.correct / state.seen:.3f}",
+                        refresh=False)
+        if on_step is not None:
+            on_step()
     bar.close()
     seconds = time.perf_counter() - start
     return {
-        "train_loss": loss_sum / max(seen, 1),
-        "train_accuracy": correct / max(seen, 1),
+        "train_loss": state.loss_sum / max(state.seen, 1),
+        "train_accuracy": state.correct / max(state.seen, 1),
         "train_seconds": seconds,
-        "train_images_per_s": seen / max(seconds, 1e-9),
+        "train_images_per_s": state.seen / max(seconds, 1e-9),
     }
 
 
@@ -142,16 +199,21 @@ def fit(
     device: torch.device,
     dtype: torch.dtype,
     callbacks: Sequence[Callback] = (),
+    checkpointer: Checkpointer | None = None,
     deadline: float | None = None,
 ) -> FitResult:
     """Fine-tune `model` in place for up to `epochs`, then load the best epoch's weights.
 
+    With a `checkpointer`, the run continues from its last checkpoint (if any) and saves a new
+    one after every epoch and whenever `checkpointer.due()` says so within an epoch.
     With `deadline` (a `time.perf_counter()` value), no epoch is started that would end after it.
     """
     result = FitResult()
     if epochs == 0:
         return result
-    model.to(device)
+    # One memory layout for the weights whatever ran before (inputs are channels_last too), so a
+    # resumed run uses the same kernels, and so the same float rounding, as an uninterrupted one.
+    model.to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]
     model.set_backbone_trainable(True, freeze_bn=cfg.freeze_bn)
     optimizer = torch.optim.AdamW(param_groups(model, cfg))
     steps_per_epoch = math.ceil(len(train_store) / cfg.batch_size)
@@ -163,14 +225,23 @@ def fit(
     weight = balanced_class_weights(train_store.labels, model.head.out_features).to(device) if cfg.balance else None
     criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
     augment = Augmentation.named(cfg.augment, flip=cfg.flip)
-    best_state: dict[str, torch.Tensor] | None = None
-    since_best = 0
-    for epoch in range(1, epochs + 1):
-        record: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
+    state = LoopState()
+    if checkpointer is not None:
+        checkpointer.restore_fit(model, optimizer, scheduler, state, result)
+
+    def on_step() -> None:
+        if checkpointer is not None and checkpointer.due():
+            checkpointer.save_fit(model, optimizer, scheduler, state, result)
+
+    while state.epoch <= epochs and not result.stopped_early:
+        epoch = state.epoch
+        if state.step == 0:
+            state.start_lr = optimizer.param_groups[0]["lr"]
+        record: dict[str, Any] = {"epoch": epoch, "lr": state.start_lr}
         record.update(
             train_one_epoch(
                 model, train_store, optimizer, scheduler, criterion,
-                augment=augment, epoch=epoch, cfg=cfg, device=device, dtype=dtype,
+                augment=augment, epoch=epoch, cfg=cfg, device=device, dtype=dtype, state=state, on_step=on_step,
             )
         )
         val_loss, val_acc, _, _ = evaluate_store(
@@ -183,25 +254,30 @@ def fit(
             f" | val loss {val_loss:.4f} acc {val_acc:.4f} | {record['train_images_per_s']:.1f} img/s,"
             f" {record['train_seconds']:.0f} s"
         )
+        if state.best_state is None or val_acc > result.best_val_accuracy:
+            result.best_epoch, result.best_val_accuracy = epoch, val_acc
+            state.best_state = copy.deepcopy(model.state_dict())
+            state.since_best = 0
+        else:
+            state.since_best += 1
+            if state.since_best >= cfg.patience:
+                log(f"stopping early: no better val accuracy for {cfg.patience} epoch(s)")
+                result.stopped_early = True
+        state.epoch, state.step, state.seen, state.correct = epoch + 1, 0, 0, 0
+        state.loss_sum, state.seconds, state.augment_generator = 0.0, 0.0, None
+        if checkpointer is not None:
+            checkpointer.save_fit(model, optimizer, scheduler, state, result)
+        if (
+            deadline is not None and not result.stopped_early and epoch < epochs
+            and time.perf_counter() + record["train_seconds"] > deadline
+        ):
+            log(f"stopping after epoch {epoch}: another epoch would pass the time limit")
+            result.stopped_early = True
         for callback in callbacks:
             hook = getattr(callback, "on_epoch_end", None)
             if hook is not None:
                 hook(record, model)
-        if best_state is None or val_acc > result.best_val_accuracy:
-            result.best_epoch, result.best_val_accuracy = epoch, val_acc
-            best_state = copy.deepcopy(model.state_dict())
-            since_best = 0
-        else:
-            since_best += 1
-            if since_best >= cfg.patience:
-                log(f"stopping early: no better val accuracy for {cfg.patience} epoch(s)")
-                result.stopped_early = True
-                break
-        if deadline is not None and epoch < epochs and time.perf_counter() + record["train_seconds"] > deadline:
-            log(f"stopping after epoch {epoch}: another epoch would pass the time limit")
-            result.stopped_early = True
-            break
-    if best_state is not None:
-        model.load_state_dict(best_state)
+    if state.best_state is not None:
+        model.load_state_dict(state.best_state)
     model.eval()
     return result

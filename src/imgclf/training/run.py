@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from torch import nn
 
 from imgclf.backbones import Backbone, create_backbone, resolve_backbone
 from imgclf.bundle import Model, library_versions
@@ -23,11 +24,14 @@ from imgclf.data.sources import Dataset, ImageSet, load_dataset, stratified_spli
 from imgclf.errors import ConfigError
 from imgclf.evaluation import classification_metrics, plot_confusion
 from imgclf.model import ImageClassifier
-from imgclf.progress import log
+from imgclf.progress import log, log_to_file
 from imgclf.runtime import FrozenForward, compute_dtype, pick_device
 from imgclf.training.balance import balanced_class_weights
-from imgclf.training.finetune import evaluate_store, fit
+from imgclf.training.checkpoint import Checkpointer
+from imgclf.training.finetune import Callback, evaluate_store, fit
 from imgclf.training.probe import fit_probe, run_frozen
+from imgclf.training.reproducible import make_deterministic
+from imgclf.training.runlog import MetricsLog, TensorBoardLog
 from imgclf.training.seed import DEFAULT_SEED_EPOCHS, build_seed_model, fit_seed, seed_meta, seed_setup
 
 DEFAULT_FINETUNE_EPOCHS = 5  # with early stopping on val accuracy (patience 3)
@@ -108,12 +112,26 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> Model:
         cfg = dataclasses.replace(config, **overrides) if overrides else config
     if not cfg.data or not cfg.out:
         raise ConfigError("train needs both data and out", fix="imgclf train DATA --out DIR")
-    started = time.perf_counter()
-    torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {cfg.out!r} is a file", fix="pass a folder path for the bundle")
     resolve_backbone(cfg.backbone)  # a typo in the name fails now, not after reading the data
+    out.mkdir(parents=True, exist_ok=True)
+    with log_to_file(out / "train.log"):
+        return _train(cfg, out)
+
+
+def _train(cfg: TrainConfig, out: Path) -> Model:
+    started = time.perf_counter()
+    if cfg.deterministic:
+        log(f"deterministic: on, {make_deterministic(cfg.seed)} thread(s)")
+    else:
+        torch.manual_seed(cfg.seed)
+    checkpointer = Checkpointer.open(cfg)
+    save_yaml(cfg, out / "config.yaml")
+    callbacks: list[Callback] = [MetricsLog(out, history=checkpointer.resumed_history())]
+    if cfg.tensorboard:
+        callbacks.append(TensorBoardLog(out, first_epoch=len(checkpointer.resumed_history()) + 1))
 
     dataset = load_dataset(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
     # Decode every file once up front: unreadable ones are dropped (or too many stop the run) now,
@@ -138,7 +156,9 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> Model:
         f"device {device}, {str(dtype).replace('torch.', '')}")
 
     deadline = started + 60 * cfg.max_minutes if cfg.max_minutes else None
-    model, probe_info, history, stores, predictions = _fit(backbone, dataset, prep, cfg, device, dtype, deadline)
+    model, probe_info, history, stores, predictions = _fit(
+        backbone, dataset, prep, cfg, device, dtype, checkpointer, callbacks, deadline
+    )
     metrics = {
         split: classification_metrics(probs, labels, dataset.classes)
         for split, (probs, labels) in predictions.items()
@@ -168,7 +188,7 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> Model:
     }
     trained = Model(model, dataset.classes, prep, meta)
     trained.save(out)
-    save_yaml(cfg, out / "config.yaml")
+    checkpointer.finish()
     (out / "history.json").write_text(json.dumps(history, indent=2), encoding="utf-8")
     for split, values in metrics.items():
         plot_confusion(values["confusion_matrix"], dataset.classes, out / f"confusion_{split}.png",
@@ -207,6 +227,8 @@ def _fit(
     cfg: TrainConfig,
     device: torch.device,
     dtype: torch.dtype,
+    checkpointer: Checkpointer,
+    callbacks: list[Callback],
     deadline: float | None = None,
 ) -> tuple[
     ImageClassifier,
@@ -237,6 +259,39 @@ def _fit(
         seed_history = fit_seed(model, stores["train"], stores["val"], cfg, epochs=epochs, device=device,
                                 dtype=dtype, deadline=deadline)
         return model.cpu().eval(), {}, seed_history, stores, _predict_splits(model, stores, cfg, device)
+    predictions: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    if checkpointer.resume_from is not None:  # the head was fitted before the interruption
+        model = ImageClassifier(backbone.model, nn.Linear(backbone.num_features, len(dataset.classes)))
+        probe_info = checkpointer.restore_model(model)
+    else:
+        model, probe_info, predictions = _fit_head(backbone, dataset, prep, cfg, device, stores)
+        checkpointer.save_head(model, probe_info)
+    history: list[dict[str, Any]] = []
+    epochs = DEFAULT_FINETUNE_EPOCHS if cfg.epochs is None else cfg.epochs
+    if finetune and epochs > 0:
+        result = fit(model, stores["train"], stores["val"], cfg, epochs=epochs, device=device, dtype=dtype,
+                     callbacks=callbacks, checkpointer=checkpointer, deadline=deadline)
+        history = result.history
+        log(f"best epoch {result.best_epoch}: val accuracy {result.best_val_accuracy:.4f}")
+    if not predictions:  # fine-tuned, or resumed without the probe's features
+        predictions = _predict_splits(model, stores, cfg, device)
+    return model.cpu().eval(), probe_info, history, stores, predictions
+
+
+def _fit_head(
+    backbone: Backbone,
+    dataset: Dataset,
+    prep: Preprocessing,
+    cfg: TrainConfig,
+    device: torch.device,
+    stores: dict[str, ImageStore],
+) -> tuple[ImageClassifier, dict[str, Any], dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """The linear probe: a logistic-regression head on frozen features (finetune: of a subset).
+
+    Returns the model, probe details, and, when the backbone will not be fine-tuned, the head's
+    (probabilities, labels) on val and test, computed from the features already at hand.
+    """
+    finetune = cfg.recipe == "finetune"
     forward = FrozenForward(backbone.model, image_size=prep.image_size, device=device, precision=cfg.precision)
     log(f"frozen forward runs on {forward.runtime}")
     head_store = stores["train"]
@@ -253,24 +308,16 @@ def _fit(
     model = ImageClassifier(backbone.model, probe.head)
     probe_info = {"l2": probe.l2, "val_accuracy": probe.val_accuracy,
                   "scores": {f"{k:g}": v for k, v in probe.scores.items()}, "images": len(train_y)}
-    history: list[dict[str, Any]] = []
     predictions: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    epochs = DEFAULT_FINETUNE_EPOCHS if cfg.epochs is None else cfg.epochs
-    if finetune and epochs > 0:
-        result = fit(model, stores["train"], stores["val"], cfg, epochs=epochs, device=device, dtype=dtype,
-                     deadline=deadline)
-        history = result.history
-        log(f"best epoch {result.best_epoch}: val accuracy {result.best_val_accuracy:.4f}")
-        predictions = _predict_splits(model, stores, cfg, device)
-    else:
-        # The backbone did not change: score the probe's head on features already computed.
+    if not finetune or cfg.epochs == 0:
+        # The backbone will not change: score the probe's head on features already computed.
         outputs = {"val": (val_x, val_y)}
         if "test" in stores:
             outputs["test"] = run_frozen(forward, stores["test"], batch_size=cfg.batch_size, desc="features test")
         with torch.no_grad():
             for split, (x, y) in outputs.items():
                 predictions[split] = (torch.softmax(probe.head(x), 1).numpy(), y.numpy())
-    return model.cpu().eval(), probe_info, history, stores, predictions
+    return model, probe_info, predictions
 
 
 def _predict_splits(
