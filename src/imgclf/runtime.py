@@ -116,7 +116,8 @@ class FrozenForward:
                 ov_model = ov.convert_model(self.module, example_input=example)
             ov_model.reshape({0: ov.PartialShape([-1, 3, image_size, image_size])})
             hint = "bf16" if self.dtype == torch.bfloat16 else "f32"
-            self._compiled = ov.Core().compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": hint})
+            compiled = ov.Core().compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": hint})
+            self._compiled = _openvino_runner(compiled)
         elif runtime == "onnx":
             self._compiled = _onnx_runner(self.module, image_size)
         elif runtime != "torch":
@@ -128,14 +129,30 @@ class FrozenForward:
         """Normalised float N x 3 x S x S -> float32 outputs on the CPU."""
         if self._compiled is not None:
             array = np.ascontiguousarray(batch.float().numpy())
-            return torch.from_numpy(np.asarray(self._compiled(array)[0])).float()
+            return torch.from_numpy(np.asarray(self._compiled(array), dtype=np.float32))
         with torch.inference_mode(), autocast(self.device, self.dtype):
             x = batch.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             return self.module(x).float().cpu()
 
 
-def _onnx_runner(module: nn.Module, image_size: int) -> Callable[[np.ndarray], list[np.ndarray]]:
-    """Convert `module` to ONNX in memory; returns a function with OpenVINO's call signature."""
+def _openvino_runner(compiled: Any) -> Callable[[np.ndarray], np.ndarray]:
+    """One reused infer request whose output is copied out.
+
+    Calling the compiled model directly (`compiled(array)`) grew memory by about one input batch
+    per call in a long streaming run (0.35 MB per image at 160 px: 60,000 CIFAR images ran a
+    24 GB machine out of memory); a single explicit request stays flat.
+    """
+    request = compiled.create_infer_request()
+
+    def run(array: np.ndarray) -> np.ndarray:
+        request.infer({0: array})
+        return request.get_output_tensor(0).data.copy()
+
+    return run
+
+
+def _onnx_runner(module: nn.Module, image_size: int) -> Callable[[np.ndarray], np.ndarray]:
+    """Convert `module` to ONNX in memory; returns a function from input to first output."""
     import tempfile
     from pathlib import Path
 
@@ -146,4 +163,4 @@ def _onnx_runner(module: nn.Module, image_size: int) -> Callable[[np.ndarray], l
         module_to_onnx(module, image_size, path)
         session = onnx_session(path.read_bytes())
     name = session.get_inputs()[0].name
-    return lambda array: session.run(None, {name: array})
+    return lambda array: session.run(None, {name: array})[0]
