@@ -49,6 +49,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                    help="class-weighted loss (probe and fine-tuning) for skewed classes")
     p.add_argument("--max-minutes", type=float,
                    help="wall-time limit in minutes: after the first epoch, none starts that would end past it")
+    p.add_argument("--time-budget", "--time-budget-minutes", dest="time_budget_minutes", type=float, metavar="MINUTES",
+                   help="finish the whole run within MINUTES (wall clock): picks recipe, input size and epochs")
+    p.add_argument("--no-feature-cache", dest="feature_cache", action="store_false", default=None,
+                   help="do not read or write frozen features in $IMGCLF_CACHE/features")
     p.set_defaults(handler=cmd_train)
 
 
@@ -63,6 +67,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             "data", "out", "backbone", "recipe", "epochs", "image_size", "batch_size", "seed",
             "weights", "random_init", "val_fraction", "lr", "augment", "flip", "patience",
             "precision", "device", "workers", "max_bad_fraction", "balance", "max_minutes",
+            "time_budget_minutes", "feature_cache",
         )
     }
     cfg = resolve_config(file_values, **flags)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -55,13 +55,30 @@ def param_groups(model: ImageClassifier, cfg: TrainConfig) -> list[dict[str, Any
     return [g for g in groups if g["params"]]
 
 
-def warmup_cosine(total_steps: int, warmup_steps: int) -> Any:
-    """lr multiplier: linear from 0 to 1 over `warmup_steps`, then cosine down to 0 at the end."""
+def warmup_cosine(
+    total_steps: int,
+    warmup_steps: int,
+    *,
+    time_window: tuple[float, float] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> Any:
+    """lr multiplier: linear from 0 to 1 over `warmup_steps`, then cosine down to 0 at the end.
+
+    With `time_window` (start, deadline as `clock()` values) the cosine follows whichever is
+    further along, steps or time, so the rate has decayed by the deadline even on a slower machine.
+
+    Example:
+        >>> warmup_cosine(100, 10)(55)
+        0.5
+    """
 
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
         progress_ = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        if time_window is not None:
+            start, end = time_window
+            progress_ = max(progress_, (clock() - start) / max(end - start, 1e-9))
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress_)))
 
     return factor
@@ -90,7 +107,10 @@ def train_one_epoch(
     cfg: TrainConfig,
     device: torch.device,
     dtype: torch.dtype,
+    stop_at: float | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, float]:
+    """One pass over `store`; with `stop_at` (a `clock()` value) it ends early once that passes."""
     model.set_backbone_trainable(True, freeze_bn=cfg.freeze_bn)
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
     order = np.random.default_rng(cfg.seed * 1000 + epoch).permutation(len(store))
@@ -98,9 +118,13 @@ def train_one_epoch(
     if len(order) % cfg.batch_size == 1 and len(order) > 1:
         order = order[:-1]
     seen, correct, loss_sum = 0, 0, 0.0
-    start = time.perf_counter()
+    start = clock()
+    stopped = False
     bar = progress(total=len(order), desc=f"epoch {epoch}")
     for step, (indices, batch) in enumerate(store.batches(order, cfg.batch_size)):
+        if stop_at is not None and clock() >= stop_at:
+            stopped = True
+            break
         images = augment(batch, generator) if augment is not None else batch
         x = normalize(images, store.prep).to(device, non_blocking=True)
         y = store.labels[torch.from_numpy(indices)].to(device, non_blocking=True)
@@ -123,8 +147,10 @@ def train_one_epoch(
         bar.update(len(indices))
         bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", refresh=False)
     bar.close()
-    seconds = time.perf_counter() - start
+    seconds = clock() - start
     return {
+        "stopped_mid_epoch": stopped,
+        "images": seen,
         "train_loss": loss_sum / max(seen, 1),
         "train_accuracy": correct / max(seen, 1),
         "train_seconds": seconds,
@@ -143,10 +169,14 @@ def fit(
     dtype: torch.dtype,
     callbacks: Sequence[Callback] = (),
     deadline: float | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> FitResult:
     """Fine-tune `model` in place for up to `epochs`, then load the best epoch's weights.
 
-    With `deadline` (a `time.perf_counter()` value), no epoch is started that would end after it.
+    With `deadline` (a `clock()` value), no epoch is started that would end after it. Under a time
+    budget (`cfg.time_budget_minutes`) the deadline is hard instead: an epoch stops mid-way when
+    it passes, the partial epoch is scored on val like any other and the best weights so far are
+    kept, and the lr schedule decays by time as well as by steps (see training/budget.py).
     """
     result = FitResult()
     if epochs == 0:
@@ -156,8 +186,10 @@ def fit(
     optimizer = torch.optim.AdamW(param_groups(model, cfg))
     steps_per_epoch = math.ceil(len(train_store) / cfg.batch_size)
     total = steps_per_epoch * epochs
+    hard_deadline = deadline is not None and cfg.time_budget_minutes is not None
+    window = (clock(), deadline) if hard_deadline and deadline is not None else None
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(total, max(1, int(cfg.warmup_fraction * total)))
+        optimizer, warmup_cosine(total, max(1, int(cfg.warmup_fraction * total)), time_window=window, clock=clock)
     )
     # --balance: weight each image by 1 / its class frequency, so small classes count as much.
     weight = balanced_class_weights(train_store.labels, model.head.out_features).to(device) if cfg.balance else None
@@ -171,6 +203,7 @@ def fit(
             train_one_epoch(
                 model, train_store, optimizer, scheduler, criterion,
                 augment=augment, epoch=epoch, cfg=cfg, device=device, dtype=dtype,
+                stop_at=deadline if hard_deadline else None, clock=clock,
             )
         )
         val_loss, val_acc, _, _ = evaluate_store(
@@ -197,7 +230,12 @@ def fit(
                 log(f"stopping early: no better val accuracy for {cfg.patience} epoch(s)")
                 result.stopped_early = True
                 break
-        if deadline is not None and epoch < epochs and time.perf_counter() + record["train_seconds"] > deadline:
+        if record["stopped_mid_epoch"] or (hard_deadline and deadline is not None and clock() >= deadline):
+            log(f"stopping in epoch {epoch} after {record['images']} images: the time budget's deadline passed")
+            result.stopped_early = True
+            break
+        if (not hard_deadline and deadline is not None and epoch < epochs
+                and clock() + record["train_seconds"] > deadline):
             log(f"stopping after epoch {epoch}: another epoch would pass the time limit")
             result.stopped_early = True
             break
