@@ -66,6 +66,9 @@ class TrainConfig:
     head_fit_images: int = 10000  # at most this many train images are used to fit the first head
     balance: bool = False  # weight the loss by 1 / class frequency (probe and fine-tuning) for skewed classes
     max_minutes: float | None = None  # wall-time limit in min; after epoch 1 none starts that would pass it
+    # Whole-run wall-clock budget in min: picks recipe, size and epochs (training/budget.py).
+    time_budget_minutes: float | None = None
+    feature_cache: bool = True  # keep frozen features on disk ($IMGCLF_CACHE/features) for the next run
 
     # probe: a multinomial logistic regression on frozen features; L2 strength picked on val.
     probe_l2: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0])
@@ -110,6 +113,8 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.patience >= 1, "patience", "an integer >= 1"),
         (cfg.head_fit_images >= 10, "head_fit_images", "an integer >= 10"),
         (cfg.max_minutes is None or cfg.max_minutes > 0, "max_minutes", "a positive number of minutes"),
+        (cfg.time_budget_minutes is None or cfg.time_budget_minutes > 0, "time_budget_minutes",
+         "a positive number of minutes"),
         (bool(cfg.probe_l2) and all(v >= 0 for v in cfg.probe_l2), "probe_l2", "a list of numbers >= 0"),
         (cfg.precision in ("auto", "bf16", "fp32"), "precision", "auto, bf16 or fp32"),
         (cfg.augment in ("none", "light", "standard"), "augment", "none, light or standard"),

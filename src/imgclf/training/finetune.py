@@ -100,13 +100,30 @@ def param_groups(model: ImageClassifier, cfg: TrainConfig) -> list[dict[str, Any
     return [g for g in groups if g["params"]]
 
 
-def warmup_cosine(total_steps: int, warmup_steps: int) -> Any:
-    """lr multiplier: linear from 0 to 1 over `warmup_steps`, then cosine down to 0 at the end."""
+def warmup_cosine(
+    total_steps: int,
+    warmup_steps: int,
+    *,
+    time_window: tuple[float, float] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> Any:
+    """lr multiplier: linear from 0 to 1 over `warmup_steps`, then cosine down to 0 at the end.
+
+    With `time_window` (start, deadline as `clock()` values) the cosine follows whichever is
+    further along, steps or time, so the rate has decayed by the deadline even on a slower machine.
+
+    Example:
+        >>> warmup_cosine(100, 10)(55)
+        0.5
+    """
 
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
         progress_ = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        if time_window is not None:
+            start, end = time_window
+            progress_ = max(progress_, (clock() - start) / max(end - start, 1e-9))
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress_)))
 
     return factor
@@ -137,18 +154,27 @@ def train_one_epoch(
     dtype: torch.dtype,
     state: LoopState | None = None,
     on_step: Callable[[], None] | None = None,
-) -> dict[str, float]:
-    """Train on one epoch's batches, from `state.step` on; `on_step` runs after every batch."""
+    stop_at: float | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, Any]:
+    """Train on one epoch's batches, from `state.step` on; `on_step` runs after every batch.
+
+    With `stop_at` (a `clock()` value) the epoch ends early once that passes.
+    """
     model.set_backbone_trainable(True, freeze_bn=cfg.freeze_bn)
     state = state if state is not None else LoopState(epoch=epoch)
     if state.step == 0 or state.augment_generator is None:
         state.augment_generator = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
     generator = state.augment_generator
     order = epoch_order(len(store), cfg, epoch)
-    start = time.perf_counter() - state.seconds
+    start = clock() - state.seconds
+    stopped = False
     bar = progress(total=len(order), desc=f"epoch {epoch}", initial=min(state.step * cfg.batch_size, len(order)))
     batches = store.batches(order[state.step * cfg.batch_size :], cfg.batch_size)
     for step, (indices, batch) in enumerate(batches, start=state.step):
+        if stop_at is not None and clock() >= stop_at:
+            stopped = True
+            break
         images = augment(batch, generator) if augment is not None else batch
         x = normalize(images, store.prep).to(device, non_blocking=True)
         y = store.labels[torch.from_numpy(indices)].to(device, non_blocking=True)
@@ -173,15 +199,17 @@ def train_one_epoch(
         state.seen += len(indices)
         state.correct += int((logits.argmax(1) == y).sum())
         state.loss_sum += loss.item() * len(indices)
-        state.seconds = time.perf_counter() - start
+        state.seconds = clock() - start
         bar.update(len(indices))
         bar.set_postfix(loss=f"{state.loss_sum / state.seen:.3f}", acc=f"{state.correct / state.seen:.3f}",
                         refresh=False)
         if on_step is not None:
             on_step()
     bar.close()
-    seconds = time.perf_counter() - start
+    seconds = clock() - start
     return {
+        "stopped_mid_epoch": stopped,
+        "images": state.seen,
         "train_loss": state.loss_sum / max(state.seen, 1),
         "train_accuracy": state.correct / max(state.seen, 1),
         "train_seconds": seconds,
@@ -201,12 +229,16 @@ def fit(
     callbacks: Sequence[Callback] = (),
     checkpointer: Checkpointer | None = None,
     deadline: float | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> FitResult:
     """Fine-tune `model` in place for up to `epochs`, then load the best epoch's weights.
 
     With a `checkpointer`, the run continues from its last checkpoint (if any) and saves a new
     one after every epoch and whenever `checkpointer.due()` says so within an epoch.
-    With `deadline` (a `time.perf_counter()` value), no epoch is started that would end after it.
+    With `deadline` (a `clock()` value), no epoch is started that would end after it. Under a time
+    budget (`cfg.time_budget_minutes`) the deadline is hard instead: an epoch stops mid-way when
+    it passes, the partial epoch is scored on val like any other and the best weights so far are
+    kept, and the lr schedule decays by time as well as by steps (see training/budget.py).
     """
     result = FitResult()
     if epochs == 0:
@@ -218,8 +250,10 @@ def fit(
     optimizer = torch.optim.AdamW(param_groups(model, cfg))
     steps_per_epoch = math.ceil(len(train_store) / cfg.batch_size)
     total = steps_per_epoch * epochs
+    hard_deadline = deadline is not None and cfg.time_budget_minutes is not None
+    window = (clock(), deadline) if hard_deadline and deadline is not None else None
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(total, max(1, int(cfg.warmup_fraction * total)))
+        optimizer, warmup_cosine(total, max(1, int(cfg.warmup_fraction * total)), time_window=window, clock=clock)
     )
     # --balance: weight each image by 1 / its class frequency, so small classes count as much.
     weight = balanced_class_weights(train_store.labels, model.head.out_features).to(device) if cfg.balance else None
@@ -242,6 +276,7 @@ def fit(
             train_one_epoch(
                 model, train_store, optimizer, scheduler, criterion,
                 augment=augment, epoch=epoch, cfg=cfg, device=device, dtype=dtype, state=state, on_step=on_step,
+                stop_at=deadline if hard_deadline else None, clock=clock,
             )
         )
         val_loss, val_acc, _, _ = evaluate_store(
@@ -267,12 +302,13 @@ def fit(
         state.loss_sum, state.seconds, state.augment_generator = 0.0, 0.0, None
         if checkpointer is not None:
             checkpointer.save_fit(model, optimizer, scheduler, state, result)
-        if (
-            deadline is not None and not result.stopped_early and epoch < epochs
-            and time.perf_counter() + record["train_seconds"] > deadline
-        ):
-            log(f"stopping after epoch {epoch}: another epoch would pass the time limit")
-            result.stopped_early = True
+        if not result.stopped_early and deadline is not None:
+            if record["stopped_mid_epoch"] or (hard_deadline and clock() >= deadline):
+                log(f"stopping in epoch {epoch} after {record['images']} images: the time budget's deadline passed")
+                result.stopped_early = True
+            elif not hard_deadline and epoch < epochs and clock() + record["train_seconds"] > deadline:
+                log(f"stopping after epoch {epoch}: another epoch would pass the time limit")
+                result.stopped_early = True
         for callback in callbacks:
             hook = getattr(callback, "on_epoch_end", None)
             if hook is not None:

@@ -28,8 +28,9 @@ from imgclf.progress import log, log_to_file
 from imgclf.runtime import FrozenForward, compute_dtype, pick_device
 from imgclf.training.balance import balanced_class_weights
 from imgclf.training.checkpoint import Checkpointer
+from imgclf.training.feature_cache import LazyForward, cache_for, cached_features
 from imgclf.training.finetune import Callback, evaluate_store, fit
-from imgclf.training.probe import fit_probe, run_frozen
+from imgclf.training.probe import fit_probe
 from imgclf.training.reproducible import make_deterministic
 from imgclf.training.runlog import MetricsLog, TensorBoardLog
 from imgclf.training.seed import DEFAULT_SEED_EPOCHS, build_seed_model, fit_seed, seed_meta, seed_setup
@@ -146,16 +147,26 @@ def _train(cfg: TrainConfig, out: Path) -> Model:
     )
     device = pick_device(cfg.device)
     dtype = compute_dtype(device, cfg.precision)
+    deadline = started + 60 * cfg.max_minutes if cfg.max_minutes else None
     if cfg.recipe == "seed":
         prep, backbone = seed_setup(cfg, median_short_side(dataset.train, seed=cfg.seed))
+        if cfg.time_budget_minutes:  # no plan for seed: its epoch guard, with 10% left for scoring
+            deadline = min(deadline or float("inf"), started + 0.9 * 60 * cfg.time_budget_minutes)
     else:
         backbone = create_backbone(cfg.backbone, weights=cfg.weights, random_init=cfg.random_init)
+        if cfg.time_budget_minutes:
+            from imgclf.training.budget import plan_run
+
+            upper = choose_image_size(int(backbone.data_config["input_size"][-1]),
+                                      median_short_side(dataset.train, seed=cfg.seed), "probe", device)
+            cfg, budget_deadline = plan_run(cfg, backbone, dataset, device=device, dtype=dtype, started=started,
+                                            upper_size=upper)
+            deadline = min(deadline or float("inf"), budget_deadline)
         prep = _preprocessing(backbone, dataset, cfg, device)
     log(f"backbone: {cfg.backbone}, {backbone.num_features} features, weights: {backbone.weights_source}")
     log(f"input: {prep.image_size} px, {prep.interpolation}, mean {prep.mean}, std {prep.std}; "
         f"device {device}, {str(dtype).replace('torch.', '')}")
 
-    deadline = started + 60 * cfg.max_minutes if cfg.max_minutes else None
     model, probe_info, history, stores, predictions = _fit(
         backbone, dataset, prep, cfg, device, dtype, checkpointer, callbacks, deadline
     )
@@ -292,15 +303,26 @@ def _fit_head(
     (probabilities, labels) on val and test, computed from the features already at hand.
     """
     finetune = cfg.recipe == "finetune"
-    forward = FrozenForward(backbone.model, image_size=prep.image_size, device=device, precision=cfg.precision)
-    log(f"frozen forward runs on {forward.runtime}")
+
+    def build_forward() -> FrozenForward:  # built on first use: a full cache hit never converts the network
+        built = FrozenForward(backbone.model, image_size=prep.image_size, device=device, precision=cfg.precision)
+        log(f"frozen forward runs on {built.runtime}")
+        return built
+
+    forward = LazyForward(build_forward)
+    cache = cache_for(backbone_name=backbone.entry.timm_name, module=backbone.model, prep=prep,
+                      dtype=compute_dtype(device, cfg.precision)) if cfg.feature_cache else None
+
+    def frozen_features(forward: LazyForward, store: ImageStore, *, batch_size: int, desc: str) -> Any:
+        return cached_features(forward, store, cache=cache, batch_size=batch_size, desc=desc, workers=cfg.workers)
+
     head_store = stores["train"]
     if finetune and len(head_store) > cfg.head_fit_images:
         fraction = cfg.head_fit_images / len(head_store)
         _, subset = stratified_split(head_store.labels.numpy(), fraction, cfg.seed)
         head_store = _SubsetStore(head_store, subset)
-    train_x, train_y = run_frozen(forward, head_store, batch_size=cfg.batch_size, desc="features train")
-    val_x, val_y = run_frozen(forward, stores["val"], batch_size=cfg.batch_size, desc="features val")
+    train_x, train_y = frozen_features(forward, head_store, batch_size=cfg.batch_size, desc="features train")
+    val_x, val_y = frozen_features(forward, stores["val"], batch_size=cfg.batch_size, desc="features val")
     weight = balanced_class_weights(train_y, len(dataset.classes)) if cfg.balance else None
     probe = fit_probe(train_x, train_y, val_x, val_y, len(dataset.classes), cfg.probe_l2, class_weight=weight)
     log(f"linear probe: val accuracy {probe.val_accuracy:.4f} (L2 {probe.l2:g}; "
@@ -313,7 +335,7 @@ def _fit_head(
         # The backbone will not change: score the probe's head on features already computed.
         outputs = {"val": (val_x, val_y)}
         if "test" in stores:
-            outputs["test"] = run_frozen(forward, stores["test"], batch_size=cfg.batch_size, desc="features test")
+            outputs["test"] = frozen_features(forward, stores["test"], batch_size=cfg.batch_size, desc="features test")
         with torch.no_grad():
             for split, (x, y) in outputs.items():
                 predictions[split] = (torch.softmax(probe.head(x), 1).numpy(), y.numpy())
@@ -344,6 +366,7 @@ class _SubsetStore(ImageStore):
         self.failed = parent.failed
         self.in_memory = parent.in_memory
         self.labels = parent.labels[torch.from_numpy(self.positions)]
+        self.images = parent.images.subset(self.positions)  # content keys for the feature cache
         self._lookup = {int(p): i for i, p in enumerate(self.positions)}
 
     def __len__(self) -> int:

@@ -1,0 +1,333 @@
+"""`--time-budget MINUTES`: pick recipe, input size and epochs so the whole run fits the budget.
+
+The budget is wall-clock time from the start of `train`, data loading, measuring, evaluation and
+the report included. Two parts:
+
+1. **A plan** (`plan_budget`, a pure function of measured rates): a few real training steps and
+   frozen forward passes at the smallest and largest candidate sizes (`measure_rates`, ~10-25 s
+   for lite0 on 2 cores) give seconds per image, interpolated linearly in pixels for the sizes
+   between. The rule, with `seconds_left` = 95% of the budget minus what has already run:
+   - fine-tuning at size S for E epochs costs: decode all images + convert the frozen network +
+     head features (head-fit images + val) + E x (train / train_rate + val / frozen_rate + a
+     conversion) + the closing predictions and report (val + test, twice: final scores and report);
+   - take the **largest size that still gets at least 3 epochs** (`MIN_GOOD_EPOCHS`), with as
+     many epochs as fit, at most `max_epochs` (early stopping usually ends sooner);
+   - else the smallest size with as many epochs (1 or 2) as fit;
+   - else the linear probe at the largest size whose probe fits;
+   - else stop before any work, with the estimate (`ConfigError`).
+2. **A guard** at run time (`finetune.fit` in budget mode): the fine-tuning deadline is the
+   budget's end minus the estimated closing work. Training steps stop mid-epoch when the deadline
+   passes; the partial epoch is scored on val and the best weights so far are kept. The learning
+   rate follows the cosine schedule by `max(step fraction, time fraction)`, so it has decayed by
+   the deadline even when the machine runs slower than measured (e.g. a shared CPU).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import nn
+
+from imgclf.errors import ConfigError
+
+if TYPE_CHECKING:
+    from imgclf.backbones import Backbone
+    from imgclf.config import TrainConfig
+    from imgclf.data.sources import Dataset
+
+CANDIDATE_SIZES = (96, 128, 160, 192, 224)  # px; below 96 lite0/ResNet feature maps are 3x3 or smaller
+MIN_GOOD_EPOCHS = 3  # a larger input is worth it only while it leaves this many epochs
+PLAN_FRACTION = 0.95  # plan for 95% of the budget: the guard absorbs the rest (limit: +10%)
+FIXED_SECONDS = 10.0  # bundle save, plots and report HTML, measured ~3-8 s on 2 cores
+MAX_EPOCHS = 20  # without --epochs; early stopping (patience) usually ends the run sooner
+MEASURE_STEPS = 2  # timed training steps per measured size, after one warm-up step
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Images per split, and how many train images fit the first head."""
+
+    train: int
+    val: int
+    test: int
+    head_fit: int
+
+    @property
+    def total(self) -> int:
+        return self.train + self.val + self.test
+
+
+@dataclass(frozen=True)
+class Rates:
+    """Measured speeds in images per second; sizes in px."""
+
+    train: dict[int, float]  # fine-tuning: forward, backward and optimizer step, augmentation included
+    frozen: dict[int, float]  # inference on the fast frozen path (OpenVINO where installed)
+    decode: float  # files decoded and resized per second (all threads)
+    convert_seconds: float = 5.0  # building one frozen forward (OpenVINO converts the network)
+
+
+@dataclass(frozen=True)
+class Plan:
+    recipe: str  # "probe" or "finetune"
+    image_size: int
+    epochs: int
+    seconds: float  # estimated wall time of the rest of the run
+    closing_seconds: float  # of which: what runs after the fine-tuning deadline (val, test, report, saving)
+    reason: str
+    options: dict[str, float] = field(default_factory=dict)  # "finetune@128x3" -> estimated seconds
+
+
+def _shared_seconds(size: int, work: Workload, rates: Rates) -> float:
+    return work.total / rates.decode + rates.convert_seconds
+
+
+def closing_seconds(size: int, work: Workload, rates: Rates) -> float:
+    """Scoring val and test after training, twice (final metrics, then the report), plus saving."""
+    return 2 * ((work.val + work.test) / rates.frozen[size] + rates.convert_seconds) + FIXED_SECONDS
+
+
+def probe_seconds(size: int, work: Workload, rates: Rates) -> float:
+    """Estimated seconds of a probe run: decode, features of every image, the report."""
+    features = work.total / rates.frozen[size]
+    report = (work.val + work.test) / rates.frozen[size] + rates.convert_seconds + FIXED_SECONDS
+    return _shared_seconds(size, work, rates) + features + report
+
+
+def epoch_seconds(size: int, work: Workload, rates: Rates) -> float:
+    """One fine-tuning epoch: the training steps, then scoring val (with its own conversion)."""
+    return work.train / rates.train[size] + work.val / rates.frozen[size] + rates.convert_seconds
+
+
+def finetune_seconds(size: int, epochs: int, work: Workload, rates: Rates) -> float:
+    head = (work.head_fit + work.val) / rates.frozen[size]
+    return (_shared_seconds(size, work, rates) + head + epochs * epoch_seconds(size, work, rates)
+            + closing_seconds(size, work, rates))
+
+
+def plan_budget(
+    *,
+    seconds_left: float,
+    work: Workload,
+    rates: Rates,
+    sizes: Sequence[int],
+    max_epochs: int,
+    allow_finetune: bool = True,
+) -> Plan:
+    """Choose recipe, size and epochs for `seconds_left` (the rule is in the module docstring).
+
+    Example:
+        >>> rates = Rates(train={96: 80.0, 128: 45.0}, frozen={96: 400.0, 128: 230.0}, decode=2000.0)
+        >>> plan = plan_budget(seconds_left=900, work=Workload(9000, 1000, 2000, 9000),
+        ...                    rates=rates, sizes=(96, 128), max_epochs=20)
+        >>> (plan.recipe, plan.image_size, plan.epochs)
+        ('finetune', 128, 3)
+    """
+    sizes = sorted(sizes)
+    usable = seconds_left * PLAN_FRACTION
+    options: dict[str, float] = {}
+    fitting: dict[int, int] = {}
+    if allow_finetune and max_epochs > 0:
+        for size in sizes:
+            fixed = finetune_seconds(size, 0, work, rates)
+            epochs = min(max_epochs, math.floor((usable - fixed) / epoch_seconds(size, work, rates)))
+            if epochs >= 1:
+                fitting[size] = epochs
+                options[f"finetune@{size}x{epochs}"] = finetune_seconds(size, epochs, work, rates)
+    for size in sizes:
+        options[f"probe@{size}"] = probe_seconds(size, work, rates)
+    good = [s for s, e in fitting.items() if e >= MIN_GOOD_EPOCHS]
+    if good:
+        size = max(good)
+        reason = f"largest input that leaves >= {MIN_GOOD_EPOCHS} epochs"
+    elif fitting:
+        size = min(fitting)
+        reason = f"no input leaves {MIN_GOOD_EPOCHS} epochs: the smallest, with the epochs that fit"
+    else:
+        probes = [s for s in sizes if probe_seconds(s, work, rates) <= usable]
+        if not probes:
+            need = probe_seconds(sizes[0], work, rates) / 60
+            raise ConfigError(
+                f"the time budget leaves {seconds_left / 60:.1f} min, but even a linear probe at "
+                f"{sizes[0]} px needs about {need:.1f} min on this machine ({work.total} images)",
+                expected="a budget that fits at least the probe",
+                fix=f"pass --time-budget {math.ceil(need / PLAN_FRACTION + 1)} or more, or use fewer images",
+            )
+        size = max(probes)
+        why = "fine-tuning does not fit" if allow_finetune and max_epochs > 0 else "probe asked for"
+        return Plan("probe", size, 0, probe_seconds(size, work, rates),
+                    (work.val + work.test) / rates.frozen[size] + rates.convert_seconds + FIXED_SECONDS,
+                    f"{why}: the largest input whose probe fits", options)
+    epochs = fitting[size]
+    # After the deadline: scoring the last (maybe partial) epoch on val, then the closing work.
+    after_deadline = work.val / rates.frozen[size] + rates.convert_seconds + closing_seconds(size, work, rates)
+    return Plan("finetune", size, epochs, finetune_seconds(size, epochs, work, rates), after_deadline, reason,
+                options)
+
+
+def candidate_sizes(upper: int) -> list[int]:
+    """The planned input sizes: `CANDIDATE_SIZES` up to `upper` px (or just `upper` below 96)."""
+    return [s for s in CANDIDATE_SIZES if s <= upper] or [upper]
+
+
+def _per_image_seconds(measured: dict[int, float], size: int) -> float:
+    """Seconds per image at `size`, linear in pixels through the measured sizes (images/s given)."""
+    points = sorted(measured)
+    if len(points) == 1:
+        return (1 / measured[points[0]]) * (size * size) / (points[0] * points[0])
+    (s0, s1) = points[0], points[-1]
+    t0, t1 = 1 / measured[s0], 1 / measured[s1]
+    slope = (t1 - t0) / (s1 * s1 - s0 * s0)
+    return max(t0 + slope * (size * size - s0 * s0), 1e-6)
+
+
+def interpolate(measured: dict[int, float], sizes: Sequence[int]) -> dict[int, float]:
+    """Images/s at every size from those measured at two (or one) of them.
+
+    Example:
+        >>> interpolate({96: 100.0, 224: 20.0}, [96, 160, 224])[96]
+        100.0
+    """
+    return {s: measured[s] if s in measured else 1 / _per_image_seconds(measured, s) for s in sizes}
+
+
+def measure_rates(
+    backbone: nn.Module,
+    num_features: int,
+    *,
+    sizes: Sequence[int],
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    precision: str,
+    freeze_bn: bool,
+    decode_images: Callable[[int], tuple[int, float]],
+    clock: Callable[[], float] = time.perf_counter,
+) -> Rates:
+    """Time a few real steps at the smallest and largest of `sizes`, on a copy of the network.
+
+    `decode_images(size)` decodes a sample at `size` and returns (images, seconds).
+    """
+    from imgclf.data.pipeline import Augmentation
+    from imgclf.model import ImageClassifier
+    from imgclf.runtime import FrozenForward, autocast
+
+    measured_sizes = sorted({min(sizes), max(sizes)})
+    train: dict[int, float] = {}
+    frozen: dict[int, float] = {}
+    convert = 0.0
+    generator = torch.Generator().manual_seed(0)
+    augment = Augmentation()
+    for size in measured_sizes:
+        model = ImageClassifier(copy.deepcopy(backbone), nn.Linear(num_features, 10)).to(device)
+        model.set_backbone_trainable(True, freeze_bn=freeze_bn)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+        images = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8)
+        labels = torch.randint(0, 10, (batch_size,))
+        seconds = 0.0
+        for step in range(1 + MEASURE_STEPS):  # step 0 warms up allocators and kernels
+            start = clock()
+            x = (augment(images, generator) / 255.0).to(device).contiguous(memory_format=torch.channels_last)
+            with autocast(device, dtype):
+                loss = nn.functional.cross_entropy(model(x).float(), labels.to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if step:
+                seconds += clock() - start
+        train[size] = MEASURE_STEPS * batch_size / max(seconds, 1e-9)
+        start = clock()
+        forward = FrozenForward(copy.deepcopy(backbone), image_size=size, device=device, precision=precision)
+        convert = max(convert, clock() - start)
+        x = (images.float() / 255.0).contiguous(memory_format=torch.channels_last)
+        forward(x)  # warm-up
+        start = clock()
+        forward(x)
+        frozen[size] = batch_size / max(clock() - start, 1e-9)
+        del model, optimizer, forward
+    count, seconds = decode_images(max(sizes))
+    return Rates(
+        train=interpolate(train, sizes), frozen=interpolate(frozen, sizes),
+        decode=count / max(seconds, 1e-9) if count else 1e9, convert_seconds=convert,
+    )
+
+
+def sample_decoder(images: object, prep_at: Callable[[int], object], *, workers: int, sample: int = 64,
+                   clock: Callable[[], float] = time.perf_counter) -> Callable[[int], tuple[int, float]]:
+    """A `decode_images` for `measure_rates`: decode up to `sample` images of an ImageSet at a size."""
+    from imgclf.data.pipeline import ImageStore
+
+    def decode(size: int) -> tuple[int, float]:
+        n = min(sample, len(images))  # type: ignore[arg-type]
+        if n == 0:
+            return 0, 0.0
+        picks = np.linspace(0, len(images) - 1, n).astype(np.int64)  # type: ignore[arg-type]
+        start = clock()
+        ImageStore(images.subset(picks), prep_at(size), memory_budget=2**40, workers=workers,  # type: ignore[attr-defined]
+                   description="measure decode")
+        return n, clock() - start
+
+    return decode
+
+
+def plan_run(
+    cfg: TrainConfig,
+    backbone: Backbone,
+    dataset: Dataset,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    started: float,
+    upper_size: int,
+    clock: Callable[[], float] = time.perf_counter,
+) -> tuple[TrainConfig, float]:
+    """Measure, plan, log; returns the config with recipe, image_size and epochs set, and the
+    deadline (a `clock()` value) by which fine-tuning must stop.
+
+    `--image-size` limits the plan to that size, `--epochs` caps the epochs, `--recipe probe`
+    rules out fine-tuning.
+    """
+    import dataclasses
+
+    from imgclf.data.pipeline import Preprocessing
+    from imgclf.progress import log
+
+    budget_s = 60.0 * (cfg.time_budget_minutes or 0.0)
+    sizes = [cfg.image_size] if cfg.image_size else candidate_sizes(upper_size)
+    data_config = backbone.data_config
+
+    def prep_at(size: int) -> Preprocessing:
+        return Preprocessing(
+            image_size=size, mean=tuple(float(v) for v in data_config["mean"]),  # type: ignore[arg-type]
+            std=tuple(float(v) for v in data_config["std"]),  # type: ignore[arg-type]
+            interpolation=str(data_config.get("interpolation", "bicubic")),
+        )
+
+    rates = measure_rates(
+        backbone.model, backbone.num_features, sizes=sizes, batch_size=cfg.batch_size, device=device, dtype=dtype,
+        precision=cfg.precision, freeze_bn=cfg.freeze_bn,
+        decode_images=sample_decoder(dataset.train, prep_at, workers=cfg.workers, clock=clock), clock=clock,
+    )
+    work = Workload(
+        train=len(dataset.train), val=len(dataset.val), test=len(dataset.test) if dataset.test is not None else 0,
+        head_fit=min(len(dataset.train), cfg.head_fit_images),
+    )
+    seconds_left = budget_s - (clock() - started)
+    max_epochs = cfg.epochs if cfg.epochs is not None else MAX_EPOCHS
+    plan = plan_budget(seconds_left=seconds_left, work=work, rates=rates, sizes=sizes, max_epochs=max_epochs,
+                       allow_finetune=cfg.recipe == "finetune")
+    log(f"time budget {cfg.time_budget_minutes:g} min, {seconds_left:.0f} s left after measuring: "
+        f"{plan.recipe} at {plan.image_size} px" + (f", {plan.epochs} epoch(s)" if plan.epochs else "")
+        + f", estimated {plan.seconds:.0f} s ({plan.reason}); measured train "
+        + ", ".join(f"{s}: {rates.train[s]:.0f}" for s in sizes) + " img/s, frozen "
+        + ", ".join(f"{s}: {rates.frozen[s]:.0f}" for s in sizes) + f" img/s, decode {rates.decode:.0f} img/s")
+    deadline = started + budget_s - plan.closing_seconds
+    planned = dataclasses.replace(cfg, recipe=plan.recipe, image_size=plan.image_size, epochs=plan.epochs)
+    return planned, deadline

@@ -1,0 +1,289 @@
+"""The feature cache (miss, hit, partial hit, keys, corrupt files) and the time budget (plan and guard)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_BACKBONE, make_image_folder
+from PIL import Image
+from torch import nn
+
+from imgclf.data.pipeline import ImageStore, Preprocessing, normalize
+from imgclf.data.sources import load_dataset
+from imgclf.errors import ConfigError
+from imgclf.training.budget import (
+    MIN_GOOD_EPOCHS,
+    PLAN_FRACTION,
+    Rates,
+    Workload,
+    candidate_sizes,
+    finetune_seconds,
+    interpolate,
+    plan_budget,
+)
+from imgclf.training.feature_cache import (
+    FeatureCache,
+    LazyForward,
+    cached_features,
+    content_keys,
+    model_key,
+)
+from imgclf.training.finetune import warmup_cosine
+
+PREP = Preprocessing(image_size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+
+
+class CountingForward:
+    """A stand-in backbone: mean colour per channel, scaled; counts the images it sees."""
+
+    def __init__(self) -> None:
+        self.images = 0
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        self.images += len(batch)
+        return batch.float().mean(dim=(2, 3)) * 2.0
+
+
+def _store(root: Path) -> ImageStore:
+    dataset = load_dataset(str(root), val_fraction=0.2, seed=0)
+    return ImageStore(dataset.train, PREP, memory_budget=2**30, workers=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Feature cache
+
+
+def test_second_run_reads_features_without_running_the_backbone(tmp_path: Path) -> None:
+    store = _store(make_image_folder(tmp_path / "data", per_class=10))
+    cache = FeatureCache(tmp_path / "cache")
+    counting = CountingForward()
+    first = LazyForward(lambda: counting)
+    x1, y1 = cached_features(first, store, cache=cache, batch_size=8, desc="features")
+    assert counting.images == len(store) and first.built
+    again = CountingForward()
+    second = LazyForward(lambda: again)
+    x2, y2 = cached_features(second, store, cache=cache, batch_size=8, desc="features")
+    assert not second.built and again.images == 0  # never even built (no OpenVINO conversion)
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert torch.allclose(x1, CountingForward()(normalize(store.batch(np.arange(len(store)))[1], PREP)))
+
+
+def test_a_partly_new_dataset_computes_only_the_new_images(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "data", classes=2, per_class=10)
+    cache = FeatureCache(tmp_path / "cache")
+    cached_features(CountingForward(), _store(root), cache=cache, batch_size=8, desc="f")
+    make_image_folder(root, classes=3, per_class=10, seed=0)  # same 20 files again, plus a new class
+    store = _store(root)
+    counting = CountingForward()
+    x, y = cached_features(counting, store, cache=cache, batch_size=8, desc="f")
+    new = int((store.labels == 2).sum())
+    assert counting.images == new and 0 < new < len(store)
+    # Cached and computed rows come back in store order, matching a run without the cache.
+    plain, plain_y = cached_features(CountingForward(), store, cache=None, batch_size=8, desc="f")
+    assert torch.allclose(x, plain) and torch.equal(y, plain_y)
+
+
+def test_model_key_follows_weights_and_preprocessing() -> None:
+    torch.manual_seed(0)
+    net = nn.Conv2d(3, 4, 3)
+    key = model_key(backbone_name="net", module=net, prep=PREP, dtype=torch.float32)
+    assert key == model_key(backbone_name="net", module=net, prep=PREP, dtype=torch.float32)
+    variants = [
+        Preprocessing(image_size=48, mean=PREP.mean, std=PREP.std),
+        Preprocessing(image_size=32, mean=(0.4, 0.5, 0.5), std=PREP.std),
+        Preprocessing(image_size=32, mean=PREP.mean, std=(0.2, 0.25, 0.25)),
+        Preprocessing(image_size=32, mean=PREP.mean, std=PREP.std, interpolation="bilinear"),
+    ]
+    keys = {model_key(backbone_name="net", module=net, prep=p, dtype=torch.float32) for p in variants}
+    keys.add(model_key(backbone_name="net", module=net, prep=PREP, dtype=torch.bfloat16))
+    keys.add(model_key(backbone_name="other", module=net, prep=PREP, dtype=torch.float32))
+    with torch.no_grad():
+        net.weight[0, 0, 0, 0] += 1e-3  # one weight of a fine-tuned copy
+    keys.add(model_key(backbone_name="net", module=net, prep=PREP, dtype=torch.float32))
+    assert key not in keys and len(keys) == 7
+
+
+def test_content_key_changes_with_the_image_bytes(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "data", classes=2, per_class=3)
+    dataset = load_dataset(str(root), val_fraction=0.3, seed=0)
+    before = content_keys(dataset.train)
+    assert len({bytes(k) for k in before}) == len(before)  # different images, different keys
+    path = Path(dataset.train.paths[0])
+    array = np.asarray(Image.open(path)).copy()
+    array[0, 0] ^= 1  # one pixel, one bit
+    Image.fromarray(array).save(path)
+    after = content_keys(dataset.train)
+    assert bytes(after[0]) != bytes(before[0]) and np.array_equal(after[1:], before[1:])
+
+
+def test_a_corrupt_cache_file_is_ignored_and_rebuilt(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    store = _store(make_image_folder(tmp_path / "data", per_class=6))
+    cache = FeatureCache(tmp_path / "cache")
+    expected, _ = cached_features(CountingForward(), store, cache=cache, batch_size=8, desc="f")
+    (shard,) = list((tmp_path / "cache").glob("*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:100])  # truncated, as by a crash mid-write on another system
+    counting = CountingForward()
+    x, _ = cached_features(counting, store, cache=cache, batch_size=8, desc="f")
+    assert "ignoring unreadable feature cache file" in capsys.readouterr().err
+    assert counting.images == len(store) and torch.allclose(x, expected)
+    again = CountingForward()
+    cached_features(again, store, cache=cache, batch_size=8, desc="f")
+    assert again.images == 0  # rebuilt
+
+
+@pytest.mark.slow  # two real training runs (~20 s on 2 busy cores)
+def test_train_probe_twice_serves_the_second_from_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import imgclf
+
+    monkeypatch.setenv("IMGCLF_CACHE", str(tmp_path / "cache"))
+    data = make_image_folder(tmp_path / "data", per_class=8)
+    args = dict(data=str(data), backbone=TINY_BACKBONE, random_init=True, recipe="probe", image_size=32,
+                batch_size=16)
+    first = imgclf.train(out=str(tmp_path / "a"), **args)
+    err = capsys.readouterr().err
+    assert "frozen forward runs on" in err and "0 from the feature cache" in err
+    second = imgclf.train(out=str(tmp_path / "b"), **args)
+    err = capsys.readouterr().err
+    assert "frozen forward runs on" not in err and ", 0 computed" in err
+    assert second.meta["metrics"]["val"]["accuracy"] == first.meta["metrics"]["val"]["accuracy"]
+
+
+# --------------------------------------------------------------------------------------------
+# Time budget: the plan, from injected rates (nothing is timed)
+
+RATES = Rates(
+    train={96: 80.0, 128: 45.0, 160: 29.0},
+    frozen={96: 400.0, 128: 230.0, 160: 150.0},
+    decode=2000.0,
+    convert_seconds=5.0,
+)
+CIFAR_LIKE = Workload(train=45000, val=5000, test=10000, head_fit=10000)
+
+
+def _plan(minutes: float, **kwargs: object):  # type: ignore[no-untyped-def]
+    options = dict(seconds_left=60 * minutes, work=CIFAR_LIKE, rates=RATES, sizes=(96, 128, 160), max_epochs=20)
+    options.update(kwargs)
+    return plan_budget(**options)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("minutes", [5, 15, 45, 90, 600])
+def test_a_plan_never_exceeds_the_budget(minutes: float) -> None:
+    plan = _plan(minutes)
+    assert plan.seconds <= PLAN_FRACTION * 60 * minutes
+    assert 0 < plan.closing_seconds < plan.seconds
+
+
+def test_bigger_budgets_buy_larger_inputs_then_more_epochs() -> None:
+    probe, short, medium, huge = _plan(10), _plan(15), _plan(45), _plan(600)
+    assert probe.recipe == "probe" and probe.image_size == 160  # no epoch fits; the probe at full size does
+    assert short.recipe == "finetune" and short.image_size == 96 and short.epochs < MIN_GOOD_EPOCHS
+    assert medium.image_size == 96 and medium.epochs >= MIN_GOOD_EPOCHS
+    assert huge.image_size == 160 and huge.epochs == 20  # capped by max_epochs
+    for minutes, plan in ((45, medium), (600, huge)):
+        # No larger input would have left MIN_GOOD_EPOCHS inside the budget.
+        for size in (s for s in (96, 128, 160) if s > plan.image_size):
+            assert finetune_seconds(size, MIN_GOOD_EPOCHS, CIFAR_LIKE, RATES) > PLAN_FRACTION * 60 * minutes
+
+
+def test_epochs_and_recipe_limits_are_respected() -> None:
+    assert _plan(600, max_epochs=2).epochs == 2
+    probe = _plan(600, allow_finetune=False)
+    assert probe.recipe == "probe" and probe.image_size == 160
+
+
+def test_a_budget_too_small_for_anything_stops_before_work() -> None:
+    with pytest.raises(ConfigError, match="even a linear probe"):
+        _plan(1)
+
+
+def test_sizes_between_measured_ones_are_interpolated_in_pixels() -> None:
+    rates = interpolate({96: 100.0, 224: 20.0}, candidate_sizes(224))
+    assert list(rates) == [96, 128, 160, 192, 224]
+    assert rates[96] == 100.0 and rates[224] == 20.0
+    assert all(a > b for a, b in zip(list(rates.values()), list(rates.values())[1:], strict=False))
+    assert candidate_sizes(64) == [64] and candidate_sizes(160) == [96, 128, 160]
+
+
+# --------------------------------------------------------------------------------------------
+# Time budget: the guard, with a fake clock
+
+
+class FakeClock:
+    """Time moves by `tick` seconds at every reading."""
+
+    def __init__(self, tick: float = 1.0) -> None:
+        self.now, self.tick = 0.0, tick
+
+    def __call__(self) -> float:
+        self.now += self.tick
+        return self.now
+
+
+def test_lr_decays_by_time_when_steps_lag_behind() -> None:
+    clock = FakeClock(tick=0.0)
+    factor = warmup_cosine(1000, 1, time_window=(0.0, 100.0), clock=clock)
+    assert factor(10) == pytest.approx(1.0, abs=1e-3)  # early in steps and in time
+    clock.now = 50.0
+    assert factor(10) == pytest.approx(0.5)  # half the time gone: half-way down the cosine
+    clock.now = 120.0
+    assert factor(10) == pytest.approx(0.0)  # past the deadline
+
+
+def test_fit_stops_mid_epoch_at_a_hard_deadline_and_keeps_the_best_weights(tmp_path: Path) -> None:
+    from imgclf.backbones import create_backbone
+    from imgclf.config import TrainConfig
+    from imgclf.model import ImageClassifier
+    from imgclf.training.finetune import fit
+
+    torch.manual_seed(0)
+    root = make_image_folder(tmp_path / "data", per_class=12)
+    dataset = load_dataset(str(root), val_fraction=0.25, seed=0)
+    train = ImageStore(dataset.train, PREP, memory_budget=2**30, workers=1)
+    val = ImageStore(dataset.val, PREP, memory_budget=2**30, workers=1)
+    backbone = create_backbone(TINY_BACKBONE, random_init=True)
+    model = ImageClassifier(backbone.model, nn.Linear(backbone.num_features, 3))
+    cfg = TrainConfig(data="d", out="o", batch_size=4, time_budget_minutes=1.0, augment="none", patience=5)
+    clock = FakeClock(tick=0.25)
+    best: dict[str, torch.Tensor] = {}
+
+    class KeepBest:
+        def on_epoch_end(self, record: dict[str, object], model: ImageClassifier) -> None:
+            if record["epoch"] == 1:
+                clock.now = 998.0  # a slow machine: 2 s (8 clock readings, ~2 steps) left for epoch 2
+            if not best or record["val_accuracy"] > best["acc"]:  # type: ignore[operator]
+                best.clear()
+                best.update({k: v.clone() for k, v in model.state_dict().items()})
+                best["acc"] = torch.tensor(record["val_accuracy"])
+
+    # 27 images / 4 per batch = 7 steps per epoch; epoch 1 takes ~30 fake seconds, far from 1000.
+    result = fit(model, train, val, cfg, epochs=10, device=torch.device("cpu"), dtype=torch.float32,
+                 deadline=1000.0, clock=clock, callbacks=[KeepBest()])
+    last = result.history[-1]
+    assert result.stopped_early and len(result.history) == 2
+    assert last["stopped_mid_epoch"] and 0 < last["images"] < len(train)
+    assert "val_accuracy" in last  # the partial epoch was scored too
+    assert all(not h["stopped_mid_epoch"] for h in result.history[:-1])
+    state = model.state_dict()
+    assert all(torch.equal(state[k], best[k]) for k in state)  # the best epoch's weights are loaded
+
+
+@pytest.mark.slow  # a real run under a 1-minute budget
+def test_train_with_a_time_budget_records_the_plan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    import imgclf
+
+    monkeypatch.setenv("IMGCLF_CACHE", str(tmp_path / "cache"))
+    data = make_image_folder(tmp_path / "data", per_class=10)
+    model = imgclf.train(data=str(data), out=str(tmp_path / "m"), backbone=TINY_BACKBONE, random_init=True,
+                         image_size=32, batch_size=8, time_budget_minutes=1.0)
+    err = capsys.readouterr().err
+    assert "time budget 1 min" in err
+    config = json.loads((tmp_path / "m" / "imgclf.json").read_text())["config"]
+    assert config["recipe"] == "finetune" and config["image_size"] == 32 and config["epochs"] >= MIN_GOOD_EPOCHS
+    assert model.meta["wall_seconds"] <= 60 * 1.1
