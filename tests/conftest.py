@@ -7,6 +7,7 @@ random bright square, so a tiny randomly initialised backbone plus a linear prob
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,8 @@ from PIL import Image
 
 os.environ.setdefault("IMGCLF_OFFLINE", "1")  # never wait on the hub in tests
 os.environ.setdefault("IMGCLF_PROGRESS", "0")
+# Downloads and the feature cache go to a fresh folder, never the user's ~/.cache/imgclf.
+os.environ.setdefault("IMGCLF_CACHE", tempfile.mkdtemp(prefix="imgclf-test-cache-"))
 
 TINY_BACKBONE = "test_efficientnet"  # timm's tiny test model (~0.3M params)
 CLASS_COLOURS = [(220, 40, 40), (40, 200, 60), (50, 70, 230), (230, 220, 40), (200, 60, 210)]
