@@ -183,7 +183,9 @@ def test_train_stops_when_too_many_files_are_bad(messy, tmp_path: Path,  # type:
     assert main(args) == 2
     err = capsys.readouterr().err
     assert f"{len(bad_paths(kinds))} of " in err and "cannot be read" in err and "max_bad_fraction" in err
-    assert not (tmp_path / "model").exists()
+    # Nothing was trained: no bundle (train.log and config.yaml may explain the stop).
+    assert not (tmp_path / "model" / "imgclf.json").exists()
+    assert not (tmp_path / "model" / "model.safetensors").exists()
 
 
 def test_max_bad_fraction_is_validated() -> None:

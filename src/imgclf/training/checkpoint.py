@@ -404,6 +404,7 @@ class Checkpointer:
 
     def finish(self) -> None:
         """Mark the run complete (its bundle is saved), so a new run may reuse the folder."""
+        self.folder.mkdir(parents=True, exist_ok=True)  # a seed run writes no checkpoints before this
         atomic_write_text(self.folder / FINISHED_FILE, json.dumps({"seq": self.seq}) + "\n")
 
     def _write(self, values: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
