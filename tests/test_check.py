@@ -171,6 +171,8 @@ def test_train_skips_exactly_the_bad_files(messy, tmp_path: Path, no_openvino: N
     assert {line.split("\t")[0] for line in listed} == bad and len(listed) == len(bad)
     meta = json.loads((out / "imgclf.json").read_text(encoding="utf-8"))
     assert {s["path"] for s in meta["skipped_files"]} == bad
+    report = json.loads((out / "report" / "metrics.json").read_text(encoding="utf-8"))
+    assert {s["path"] for s in report["skipped_files"]} == bad  # the report counts them too
     counts = meta["data"]["counts"]
     assert EMPTY_CLASS not in meta["data"]["classes"]
     assert sum(sum(c.values()) for c in counts.values()) == len([k for k in kinds if k.outcome == "usable"]) + 264

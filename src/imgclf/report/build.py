@@ -160,7 +160,12 @@ def build_report(
                      val_from_train=dataset.val_from_train)
     report["calibration"].update(fitted_temperature=fitted, temperature_usable=usable)
     report["tta"] = tta_summary(scored, model.classes, temperature) if tta else None
-    report["skipped_files"] = [{"path": p, "reason": r} for s in stores.values() for p, r in s.failed]
+    # Files the pre-flight scan dropped before training are in the bundle; add any the report's own
+    # decoding could not read.
+    skipped = list(model.meta.get("skipped_files") or [])
+    known = {item["path"] for item in skipped}
+    skipped += [{"path": p, "reason": r} for s in stores.values() for p, r in s.failed if p not in known]
+    report["skipped_files"] = skipped
     files = _figures(report, model, folder)
     thumbnails = _gallery_images(report, stores[split].images)
     report["report_seconds"] = round(time.perf_counter() - started, 1)
