@@ -87,7 +87,7 @@ def plot_confusion(confusion: list[list[int]], classes: list[str], path: str | P
             for j in range(n):
                 if counts[i, j]:
                     color = "white" if normalized[i, j] > 0.5 else "black"
-                    ax.text(j, i, int(counts[i, j]), ha="center", va="center", color=color, fontsize=7)
+                    ax.text(j, i, str(int(counts[i, j])), ha="center", va="center", color=color, fontsize=7)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)

@@ -54,6 +54,12 @@ class ImageClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
 
+    @property
+    def num_classes(self) -> int:
+        """Outputs of the head's last linear layer."""
+        linears = [m for m in self.head.modules() if isinstance(m, nn.Linear)]
+        return int(linears[-1].out_features)
+
     def set_backbone_trainable(self, trainable: bool, *, freeze_bn: bool = True) -> None:
         """Freeze or unfreeze the backbone. With `freeze_bn`, BatchNorm stays in inference mode."""
         for p in self.backbone.parameters():

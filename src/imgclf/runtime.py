@@ -123,7 +123,7 @@ class FrozenForward:
         elif runtime != "torch":
             raise ConfigError(f"unknown runtime {runtime!r}", expected="auto, torch, onnx or openvino")
         else:
-            self.module.to(self.device, memory_format=torch.channels_last)
+            self.module.to(self.device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         """Normalised float N x 3 x S x S -> float32 outputs on the CPU."""

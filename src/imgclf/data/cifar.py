@@ -140,7 +140,8 @@ def load_cifar(name: str) -> tuple[ImageSet, ImageSet, list[str]]:
     classes = [n.decode() if isinstance(n, bytes) else str(n) for n in meta[spec.names_key]]
 
     def read(files: tuple[str, ...], split: str) -> ImageSet:
-        arrays, labels = [], []
+        arrays: list[np.ndarray] = []
+        labels: list[int] = []
         for f in files:
             batch = _read_pickle(folder / f)
             data = np.asarray(batch[b"data"], dtype=np.uint8)

@@ -39,8 +39,9 @@ from imgclf.errors import ConfigError
 
 if TYPE_CHECKING:
     from imgclf.backbones import Backbone
-    from imgclf.config import TrainConfig
-    from imgclf.data.sources import Dataset
+    from imgclf.config import Recipe, TrainConfig
+    from imgclf.data.pipeline import Preprocessing
+    from imgclf.data.sources import Dataset, ImageSet
 
 CANDIDATE_SIZES = (96, 128, 160, 192, 224)  # px; below 96 lite0/ResNet feature maps are 3x3 or smaller
 MIN_GOOD_EPOCHS = 3  # a larger input is worth it only while it leaves this many epochs
@@ -76,7 +77,7 @@ class Rates:
 
 @dataclass(frozen=True)
 class Plan:
-    recipe: str  # "probe" or "finetune"
+    recipe: Recipe  # "probe" or "finetune"
     image_size: int
     epochs: int
     seconds: float  # estimated wall time of the rest of the run
@@ -259,18 +260,18 @@ def measure_rates(
     )
 
 
-def sample_decoder(images: object, prep_at: Callable[[int], object], *, workers: int, sample: int = 64,
+def sample_decoder(images: ImageSet, prep_at: Callable[[int], Preprocessing], *, workers: int, sample: int = 64,
                    clock: Callable[[], float] = time.perf_counter) -> Callable[[int], tuple[int, float]]:
     """A `decode_images` for `measure_rates`: decode up to `sample` images of an ImageSet at a size."""
     from imgclf.data.pipeline import ImageStore
 
     def decode(size: int) -> tuple[int, float]:
-        n = min(sample, len(images))  # type: ignore[arg-type]
+        n = min(sample, len(images))
         if n == 0:
             return 0, 0.0
-        picks = np.linspace(0, len(images) - 1, n).astype(np.int64)  # type: ignore[arg-type]
+        picks = np.linspace(0, len(images) - 1, n).astype(np.int64)
         start = clock()
-        ImageStore(images.subset(picks), prep_at(size), memory_budget=2**40, workers=workers,  # type: ignore[attr-defined]
+        ImageStore(images.subset(picks), prep_at(size), memory_budget=2**40, workers=workers,
                    description="measure decode")
         return n, clock() - start
 

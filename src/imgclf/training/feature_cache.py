@@ -153,7 +153,7 @@ class FeatureCache:
                     found[i] = True
         if not rows:
             return found, None
-        return found, torch.stack([rows[i] for i in np.flatnonzero(found)]).float()
+        return found, torch.stack([rows[int(i)] for i in np.flatnonzero(found)]).float()
 
     def add(self, keys: np.ndarray, features: torch.Tensor) -> Path | None:
         """Write one shard atomically; returns its path (None when there is nothing to write)."""

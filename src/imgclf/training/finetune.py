@@ -256,7 +256,7 @@ def fit(
         optimizer, warmup_cosine(total, max(1, int(cfg.warmup_fraction * total)), time_window=window, clock=clock)
     )
     # --balance: weight each image by 1 / its class frequency, so small classes count as much.
-    weight = balanced_class_weights(train_store.labels, model.head.out_features).to(device) if cfg.balance else None
+    weight = balanced_class_weights(train_store.labels, model.num_classes).to(device) if cfg.balance else None
     criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
     augment = Augmentation.named(cfg.augment, flip=cfg.flip)
     state = LoopState()
