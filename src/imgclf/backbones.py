@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from imgclf.errors import BackboneError
+from imgclf.model import non_finite_tensors
 
 
 @dataclass(frozen=True)
@@ -222,7 +223,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             f"weights file {str(path)!r} does not hold a state dict of tensors",
             fix="save model.state_dict(), not the model object",
         )
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    bad = non_finite_tensors(state)
     if bad:
         raise BackboneError(
             f"weights file {str(path)!r} has NaN or inf values in {len(bad)} tensor(s): {', '.join(bad[:5])}",

@@ -21,7 +21,7 @@ from PIL import Image
 from imgclf.data.pipeline import ImageStore, Preprocessing, image_to_tensor, normalize
 from imgclf.data.sources import ImageSet
 from imgclf.errors import BundleError
-from imgclf.model import ImageClassifier, build_head
+from imgclf.model import ImageClassifier, build_head, non_finite_tensors
 from imgclf.runtime import FrozenForward
 
 BUNDLE_JSON = "imgclf.json"
@@ -286,7 +286,7 @@ def load_weights(module: torch.nn.Module, path: Path) -> None:
             f"the weights in {str(path)!r} do not match the architecture in {BUNDLE_JSON}: " + "; ".join(parts),
             fix="the bundle was edited or mixed with another; re-train it",
         )
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    bad = non_finite_tensors(state)
     if bad:
         raise BundleError(f"{str(path)!r} has NaN or inf values in {', '.join(bad[:5])}")
     module.load_state_dict(state, strict=True)

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
 from imgclf.errors import BundleError
+
+
+def non_finite_tensors(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding NaN or inf (weights that must not be used).
+
+    Example:
+        >>> non_finite_tensors({"a": torch.ones(2), "b": torch.tensor([float("nan")])})
+        ['b']
+    """
+    return [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
 
 
 def build_head(spec: dict[str, Any]) -> nn.Module:

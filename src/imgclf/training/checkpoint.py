@@ -31,7 +31,7 @@ import torch
 
 from imgclf.config import TrainConfig
 from imgclf.errors import ConfigError, ImgclfError
-from imgclf.model import ImageClassifier
+from imgclf.model import ImageClassifier, non_finite_tensors
 from imgclf.progress import log
 from imgclf.training.finetune import FitResult, LoopState, NonFiniteLossError
 from imgclf.training.reproducible import rng_states, set_rng_states
@@ -181,7 +181,7 @@ def read_checkpoint(folder: str | Path) -> Checkpoint:
             f"checkpoint format {state.get('format_version')} is newer than this imgclf reads ({FORMAT_VERSION})",
             fix="upgrade imgclf",
         )
-    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    bad = non_finite_tensors(tensors)
     if bad:
         raise CheckpointError(f"checkpoint {str(folder)!r} has NaN or inf values in {', '.join(bad[:5])}")
     return Checkpoint(folder, tensors, state)
@@ -364,7 +364,7 @@ class Checkpointer:
             NonFiniteLossError: a weight is NaN or inf; nothing is written, the last good one stays.
         """
         weights = model.state_dict()
-        bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        bad = non_finite_tensors(weights)
         if bad:
             raise NonFiniteLossError(
                 f"weights became NaN or inf at epoch {state.epoch}, step {state.step} ({', '.join(bad[:3])})",
