@@ -8,7 +8,8 @@ accuracy. Record the figures in BENCHMARKS.md with the command, machine and date
 Usage:
     python benchmarks/cifar10.py                        # all rows below
     python benchmarks/cifar10.py --rows probe-500 probe # some of them
-    python benchmarks/cifar10.py --finetune-epochs 2 --finetune-size 96
+    python benchmarks/cifar10.py --rows finetune --finetune-budget 38   # the planner picks size and epochs
+    python benchmarks/cifar10.py --finetune-epochs 3 --finetune-size 96   # fixed size and epochs
 """
 
 from __future__ import annotations
@@ -66,8 +67,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", nargs="+", default=["probe-500", "probe", "finetune"],
                         choices=["probe-500", "probe", "finetune"])
-    parser.add_argument("--finetune-epochs", type=int, default=2)
+    parser.add_argument("--finetune-epochs", type=int, default=3)
     parser.add_argument("--finetune-size", type=int, default=96)
+    parser.add_argument("--finetune-budget", type=float, default=0,
+                        help="minutes: run finetune with --time-budget instead of fixed epochs and size")
     parser.add_argument("--out", default=str(CACHE / "runs"))
     args = parser.parse_args()
     data = ensure_data()
@@ -85,7 +88,9 @@ def main() -> None:
             epochs = "-"
         else:
             cmd = imgclf("train", str(data), "--out", str(bundle), "--recipe", row)
-            if row == "finetune":
+            if row == "finetune" and args.finetune_budget:
+                cmd += ["--time-budget", str(args.finetune_budget)]
+            elif row == "finetune":
                 cmd += ["--epochs", str(args.finetune_epochs), "--image-size", str(args.finetune_size)]
             wall = run(cmd)
             meta = json.loads((bundle / "imgclf.json").read_text())
@@ -95,7 +100,11 @@ def main() -> None:
         meta = json.loads((bundle / "imgclf.json").read_text())
         history = meta["history"]
         speed = (sum(h["train_images_per_s"] for h in history) / len(history)) if history else images / wall
-        rows.append((row, meta["preprocessing"]["image_size"], epochs, wall, speed, accuracy))
+        # Fine-tuning may test above its training size (training/eval_size.py): show both.
+        train_size, test_size = meta["config"]["image_size"] or meta["preprocessing"]["image_size"], \
+            meta["preprocessing"]["image_size"]
+        size = f"{train_size} px" if train_size == test_size else f"{train_size} px, tested at {test_size} px"
+        rows.append((row, size, epochs, wall, speed, accuracy))
 
     print(f"\nCIFAR-10 JPEG, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"{time.strftime('%Y-%m-%d')}")
@@ -103,7 +112,7 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- |")
     for name, size, epochs, wall, speed, accuracy in rows:
         kind = "train img/s" if epochs != "-" else "img/s end to end"
-        print(f"| {name} | {size} px | {epochs} | {wall / 60:.1f} min | {speed:.0f} ({kind}) | {accuracy:.4f} |")
+        print(f"| {name} | {size} | {epochs} | {wall / 60:.1f} min | {speed:.0f} ({kind}) | {accuracy:.4f} |")
 
 
 if __name__ == "__main__":

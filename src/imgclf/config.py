@@ -69,6 +69,9 @@ class TrainConfig:
     # Whole-run wall-clock budget in min: picks recipe, size and epochs (training/budget.py).
     time_budget_minutes: float | None = None
     feature_cache: bool = True  # keep frozen features on disk ($IMGCLF_CACHE/features) for the next run
+    # finetune with standard augmentation: score val at the training size and ~1.15x / 1.3x above
+    # it, keep the best as the bundle's input size (training/eval_size.py; FixRes, Touvron 2019).
+    test_time_size_search: bool = True
 
     # probe: a multinomial logistic regression on frozen features; L2 strength picked on val.
     probe_l2: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0])

@@ -9,7 +9,9 @@ the report included. Two parts:
    between. The rule, with `seconds_left` = 95% of the budget minus what has already run:
    - fine-tuning at size S for E epochs costs: decode all images + convert the frozen network +
      head features (head-fit images + val) + E x (train / train_rate + val / frozen_rate + a
-     conversion) + the closing predictions and report (val + test, twice: final scores and report);
+     conversion) + the test-time size search (a val pass per larger candidate, see
+     training/eval_size.py) + the closing predictions and report (val + test, twice: final scores
+     and report, at up to the largest candidate size);
    - take the **largest size that still gets at least 3 epochs** (`MIN_GOOD_EPOCHS`), with as
      many epochs as fit, at most `max_epochs` (early stopping usually ends sooner);
    - else the smallest size with as many epochs (1 or 2) as fit;
@@ -36,6 +38,7 @@ import torch
 from torch import nn
 
 from imgclf.errors import ConfigError
+from imgclf.training import eval_size
 
 if TYPE_CHECKING:
     from imgclf.backbones import Backbone
@@ -84,15 +87,25 @@ class Plan:
     closing_seconds: float  # of which: what runs after the fine-tuning deadline (val, test, report, saving)
     reason: str
     options: dict[str, float] = field(default_factory=dict)  # "finetune@128x3" -> estimated seconds
+    search_seconds: float = 0.0  # of closing: scoring the last epoch and choosing the test-time size
 
 
 def _shared_seconds(size: int, work: Workload, rates: Rates) -> float:
     return work.total / rates.decode + rates.convert_seconds
 
 
+def search_seconds(size: int, work: Workload, rates: Rates) -> float:
+    """Choosing the test-time input size (training/eval_size.py): a val pass and a conversion per candidate."""
+    larger = len(eval_size.candidate_sizes(size)) - 1
+    return eval_size.estimated_seconds(size, work.val, rates.frozen[size]) + larger * rates.convert_seconds
+
+
 def closing_seconds(size: int, work: Workload, rates: Rates) -> float:
-    """Scoring val and test after training, twice (final metrics, then the report), plus saving."""
-    return 2 * ((work.val + work.test) / rates.frozen[size] + rates.convert_seconds) + FIXED_SECONDS
+    """After fine-tuning: the test-time size search, then scoring val and test twice (final
+    metrics, then the report) at up to the largest candidate size, plus saving."""
+    scale = (max(eval_size.candidate_sizes(size)) / size) ** 2
+    scoring = 2 * ((work.val + work.test) * scale / rates.frozen[size] + rates.convert_seconds)
+    return search_seconds(size, work, rates) + scoring + FIXED_SECONDS
 
 
 def probe_seconds(size: int, work: Workload, rates: Rates) -> float:
@@ -170,7 +183,7 @@ def plan_budget(
     # After the deadline: scoring the last (maybe partial) epoch on val, then the closing work.
     after_deadline = work.val / rates.frozen[size] + rates.convert_seconds + closing_seconds(size, work, rates)
     return Plan("finetune", size, epochs, finetune_seconds(size, epochs, work, rates), after_deadline, reason,
-                options)
+                options, search_seconds=work.val / rates.frozen[size] + search_seconds(size, work, rates))
 
 
 def candidate_sizes(upper: int) -> list[int]:
@@ -288,9 +301,10 @@ def plan_run(
     started: float,
     upper_size: int,
     clock: Callable[[], float] = time.perf_counter,
-) -> tuple[TrainConfig, float]:
-    """Measure, plan, log; returns the config with recipe, image_size and epochs set, and the
-    deadline (a `clock()` value) by which fine-tuning must stop.
+) -> tuple[TrainConfig, float, float]:
+    """Measure, plan, log; returns the config with recipe, image_size and epochs set, the
+    deadline (a `clock()` value) by which fine-tuning must stop, and the one by which the
+    test-time size search must end.
 
     `--image-size` limits the plan to that size, `--epochs` caps the epochs, `--recipe probe`
     rules out fine-tuning.
@@ -331,4 +345,4 @@ def plan_run(
         + ", ".join(f"{s}: {rates.frozen[s]:.0f}" for s in sizes) + f" img/s, decode {rates.decode:.0f} img/s")
     deadline = started + budget_s - plan.closing_seconds
     planned = dataclasses.replace(cfg, recipe=plan.recipe, image_size=plan.image_size, epochs=plan.epochs)
-    return planned, deadline
+    return planned, deadline, deadline + plan.search_seconds

@@ -28,6 +28,7 @@ from imgclf.progress import log, log_to_file
 from imgclf.runtime import FrozenForward, compute_dtype, pick_device
 from imgclf.training.balance import balanced_class_weights
 from imgclf.training.checkpoint import Checkpointer
+from imgclf.training.eval_size import choose_eval_size
 from imgclf.training.feature_cache import LazyForward, cache_for, cached_features
 from imgclf.training.finetune import Callback, evaluate_store, fit
 from imgclf.training.probe import fit_probe
@@ -148,6 +149,7 @@ def _train(cfg: TrainConfig, out: Path) -> Model:
     device = pick_device(cfg.device)
     dtype = compute_dtype(device, cfg.precision)
     deadline = started + 60 * cfg.max_minutes if cfg.max_minutes else None
+    search_end = deadline  # the test-time size search must end by then (the budget moves it)
     if cfg.recipe == "seed":
         prep, backbone = seed_setup(cfg, median_short_side(dataset.train, seed=cfg.seed))
         if cfg.time_budget_minutes:  # no plan for seed: its epoch guard, with 10% left for scoring
@@ -159,20 +161,19 @@ def _train(cfg: TrainConfig, out: Path) -> Model:
 
             upper = choose_image_size(int(backbone.data_config["input_size"][-1]),
                                       median_short_side(dataset.train, seed=cfg.seed), "probe", device)
-            cfg, budget_deadline = plan_run(cfg, backbone, dataset, device=device, dtype=dtype, started=started,
-                                            upper_size=upper)
+            cfg, budget_deadline, search_end = plan_run(cfg, backbone, dataset, device=device, dtype=dtype,
+                                                        started=started, upper_size=upper)
             deadline = min(deadline or float("inf"), budget_deadline)
         prep = _preprocessing(backbone, dataset, cfg, device)
     log(f"backbone: {cfg.backbone}, {backbone.num_features} features, weights: {backbone.weights_source}")
     log(f"input: {prep.image_size} px, {prep.interpolation}, mean {prep.mean}, std {prep.std}; "
         f"device {device}, {str(dtype).replace('torch.', '')}")
 
-    model, probe_info, history, stores, predictions = _fit(
-        backbone, dataset, prep, cfg, device, dtype, checkpointer, callbacks, deadline
-    )
+    fitted = _fit(backbone, dataset, prep, cfg, device, dtype, checkpointer, callbacks, deadline, search_end)
+    prep, stores = fitted.prep, fitted.stores  # the test-time size, and val/test decoded at it
     metrics = {
         split: classification_metrics(probs, labels, dataset.classes)
-        for split, (probs, labels) in predictions.items()
+        for split, (probs, labels) in fitted.predictions.items()
     }
     skipped = unreadable + [{"path": p, "reason": r} for s in stores.values() for p, r in s.failed]
     meta = {
@@ -189,18 +190,19 @@ def _train(cfg: TrainConfig, out: Path) -> Model:
         "config": cfg.to_dict(),
         "data": dataset.summary(),
         "metrics": metrics,
-        "probe": probe_info,
-        "history": history,
+        "probe": fitted.probe_info,
+        "history": fitted.history,
+        **({"test_time_size": fitted.eval_size} if fitted.eval_size else {}),
         "skipped_files": skipped,
         "wall_seconds": round(time.perf_counter() - started, 1),
         "hardware": {"device": str(device), "dtype": str(dtype), "cpu": platform.processor() or platform.machine(),
                      "threads": torch.get_num_threads()},
         "versions": library_versions(),
     }
-    trained = Model(model, dataset.classes, prep, meta)
+    trained = Model(fitted.model, dataset.classes, prep, meta)
     trained.save(out)
     checkpointer.finish()
-    (out / "history.json").write_text(json.dumps(history, indent=2), encoding="utf-8")
+    (out / "history.json").write_text(json.dumps(fitted.history, indent=2), encoding="utf-8")
     for split, values in metrics.items():
         plot_confusion(values["confusion_matrix"], dataset.classes, out / f"confusion_{split}.png",
                        f"{split}: accuracy {values['accuracy']:.3f}")
@@ -231,6 +233,19 @@ def _preprocessing(backbone: Backbone, dataset: Dataset, cfg: TrainConfig, devic
     )
 
 
+@dataclasses.dataclass
+class _Fitted:
+    """What `_fit` produces for the bundle and the report."""
+
+    model: ImageClassifier
+    probe_info: dict[str, Any]
+    history: list[dict[str, Any]]
+    stores: dict[str, ImageStore]  # val and test at `prep`'s size
+    predictions: dict[str, tuple[np.ndarray, np.ndarray]]  # (probabilities, labels) on val and test
+    prep: Preprocessing  # the test-time preprocessing (the size may exceed the training size)
+    eval_size: dict[str, Any] | None = None  # the test-time size search, when it ran
+
+
 def _fit(
     backbone: Backbone,
     dataset: Dataset,
@@ -241,18 +256,11 @@ def _fit(
     checkpointer: Checkpointer,
     callbacks: list[Callback],
     deadline: float | None = None,
-) -> tuple[
-    ImageClassifier,
-    dict[str, Any],
-    list[dict[str, Any]],
-    dict[str, ImageStore],
-    dict[str, tuple[np.ndarray, np.ndarray]],
-]:
-    """Fit the head on frozen features, then (finetune) train the whole network; or (seed) train
-    the article's network end to end. No epoch after the first starts that would end past `deadline`.
-
-    Returns the model, probe details, the epoch history, the stores, and the (probabilities,
-    labels) of the final model on val and test.
+    search_end: float | None = None,
+) -> _Fitted:
+    """Fit the head on frozen features, then (finetune) train the whole network and choose the
+    test-time input size on val; or (seed) train the article's network end to end. No epoch after
+    the first starts that would end past `deadline`; the size search ends by `search_end`.
     """
     budget = memory_budget(cfg.memory_fraction)
     finetune = cfg.recipe in ("finetune", "seed")
@@ -269,7 +277,7 @@ def _fit(
         epochs = DEFAULT_SEED_EPOCHS if cfg.epochs is None else cfg.epochs
         seed_history = fit_seed(model, stores["train"], stores["val"], cfg, epochs=epochs, device=device,
                                 dtype=dtype, deadline=deadline)
-        return model.cpu().eval(), {}, seed_history, stores, _predict_splits(model, stores, cfg, device)
+        return _Fitted(model.cpu().eval(), {}, seed_history, stores, _predict_splits(model, stores, cfg, device), prep)
     predictions: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     if checkpointer.resume_from is not None:  # the head was fitted before the interruption
         model = ImageClassifier(backbone.model, nn.Linear(backbone.num_features, len(dataset.classes)))
@@ -278,15 +286,27 @@ def _fit(
         model, probe_info, predictions = _fit_head(backbone, dataset, prep, cfg, device, stores)
         checkpointer.save_head(model, probe_info)
     history: list[dict[str, Any]] = []
+    eval_size: dict[str, Any] | None = None
     epochs = DEFAULT_FINETUNE_EPOCHS if cfg.epochs is None else cfg.epochs
     if finetune and epochs > 0:
         result = fit(model, stores["train"], stores["val"], cfg, epochs=epochs, device=device, dtype=dtype,
                      callbacks=callbacks, checkpointer=checkpointer, deadline=deadline)
         history = result.history
         log(f"best epoch {result.best_epoch}: val accuracy {result.best_val_accuracy:.4f}")
+        if cfg.test_time_size_search and cfg.augment == "standard":
+            chosen, eval_size = choose_eval_size(
+                model, dataset.val, prep, train_size_accuracy=result.best_val_accuracy,
+                batch_size=cfg.batch_size, device=device, precision=cfg.precision, memory_budget=budget // 4,
+                workers=cfg.workers, deadline=search_end,
+            )
+            if chosen != prep:
+                prep = chosen
+                stores["val"] = _store(dataset.val, prep, cfg, budget // 4, "val")
+                if dataset.test is not None:
+                    stores["test"] = _store(dataset.test, prep, cfg, 0, "test")
     if not predictions:  # fine-tuned, or resumed without the probe's features
         predictions = _predict_splits(model, stores, cfg, device)
-    return model.cpu().eval(), probe_info, history, stores, predictions
+    return _Fitted(model.cpu().eval(), probe_info, history, stores, predictions, prep, eval_size)
 
 
 def _fit_head(
