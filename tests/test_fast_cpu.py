@@ -21,6 +21,7 @@ from imgclf.training.budget import (
     Rates,
     Workload,
     candidate_sizes,
+    epoch_seconds,
     finetune_seconds,
     interpolate,
     plan_budget,
@@ -180,8 +181,8 @@ def test_a_plan_never_exceeds_the_budget(minutes: float) -> None:
 
 
 def test_bigger_budgets_buy_larger_inputs_then_more_epochs() -> None:
-    probe, short, medium, huge = _plan(10), _plan(15), _plan(45), _plan(600)
-    assert probe.recipe == "probe" and probe.image_size == 160  # no epoch fits; the probe at full size does
+    probe, short, medium, huge = _plan(7), _plan(15), _plan(45), _plan(600)
+    assert probe.recipe == "probe" and probe.image_size == 128  # under half an epoch fits: the largest probe
     assert short.recipe == "finetune" and short.image_size == 96 and short.epochs < MIN_GOOD_EPOCHS
     assert medium.image_size == 96 and medium.epochs >= MIN_GOOD_EPOCHS
     assert huge.image_size == 160 and huge.epochs == 20  # capped by max_epochs
@@ -189,6 +190,17 @@ def test_bigger_budgets_buy_larger_inputs_then_more_epochs() -> None:
         # No larger input would have left MIN_GOOD_EPOCHS inside the budget.
         for size in (s for s in (96, 128, 160) if s > plan.image_size):
             assert finetune_seconds(size, MIN_GOOD_EPOCHS, CIFAR_LIKE, RATES) > PLAN_FRACTION * 60 * minutes
+
+
+def test_epochs_that_fit_are_rounded_and_the_guard_cuts_the_last_one() -> None:
+    fixed = finetune_seconds(96, 0, CIFAR_LIKE, RATES)
+    epoch = epoch_seconds(96, CIFAR_LIKE, RATES)
+    for fit, planned in ((1.4, 1), (1.6, 2), (0.6, 1), (2.5, 3)):
+        minutes = (fixed + fit * epoch) / PLAN_FRACTION / 60
+        plan = _plan(minutes, sizes=(96,))
+        assert (plan.recipe, plan.epochs) == ("finetune", planned), fit
+        assert plan.seconds <= PLAN_FRACTION * 60 * minutes + 1e-6  # rounded up: ends at the deadline
+    assert _plan((fixed + 0.4 * epoch) / PLAN_FRACTION / 60, sizes=(96,)).recipe == "probe"
 
 
 def test_epochs_and_recipe_limits_are_respected() -> None:

@@ -12,6 +12,9 @@ the report included. Two parts:
      conversion) + the test-time size search (a val pass per larger candidate, see
      training/eval_size.py) + the closing predictions and report (val + test, twice: final scores
      and report, at up to the largest candidate size);
+   - fine-tuning is possible at a size when half an epoch fits (`MIN_FIT_EPOCHS`); the epochs
+     that fit are rounded to the nearest whole number, at least 1: when rounded up, the guard
+     below ends the last epoch at the deadline;
    - take the **largest size that still gets at least 3 epochs** (`MIN_GOOD_EPOCHS`), with as
      many epochs as fit, at most `max_epochs` (early stopping usually ends sooner);
    - else the smallest size with as many epochs (1 or 2) as fit;
@@ -48,10 +51,13 @@ if TYPE_CHECKING:
 
 CANDIDATE_SIZES = (96, 128, 160, 192, 224)  # px; below 96 lite0/ResNet feature maps are 3x3 or smaller
 MIN_GOOD_EPOCHS = 3  # a larger input is worth it only while it leaves this many epochs
+MIN_FIT_EPOCHS = 0.5  # fine-tune when half an epoch fits: lite0, CIFAR-10, 96 px: 0.838 val after 1 epoch vs
+# 0.755 for the probe it starts from (benchmarks/cifar10.py logs, 2026-11-27)
 PLAN_FRACTION = 0.95  # plan for 95% of the budget: the guard absorbs the rest (limit: +10%)
 FIXED_SECONDS = 10.0  # bundle save, plots and report HTML, measured ~3-8 s on 2 cores
 MAX_EPOCHS = 20  # without --epochs; early stopping (patience) usually ends the run sooner
-MEASURE_STEPS = 2  # timed training steps per measured size, after one warm-up step
+MEASURE_STEPS = 3  # timed training steps per measured size, after WARMUP_STEPS
+WARMUP_STEPS = 2  # the first steps run slower (allocator, kernel selection): measured 49 vs 77 img/s with one
 
 
 @dataclass(frozen=True)
@@ -147,17 +153,19 @@ def plan_budget(
     sizes = sorted(sizes)
     usable = seconds_left * PLAN_FRACTION
     options: dict[str, float] = {}
-    fitting: dict[int, int] = {}
+    fitting: dict[int, tuple[float, int]] = {}  # size -> (epochs that fit, epochs planned)
     if allow_finetune and max_epochs > 0:
         for size in sizes:
             fixed = finetune_seconds(size, 0, work, rates)
-            epochs = min(max_epochs, math.floor((usable - fixed) / epoch_seconds(size, work, rates)))
-            if epochs >= 1:
-                fitting[size] = epochs
-                options[f"finetune@{size}x{epochs}"] = finetune_seconds(size, epochs, work, rates)
+            fit_epochs = (usable - fixed) / epoch_seconds(size, work, rates)
+            if fit_epochs >= MIN_FIT_EPOCHS:
+                # The nearest whole number: rounding up costs nothing past the budget, because the
+                # guard ends the last epoch at the deadline with the learning rate annealed by time.
+                fitting[size] = (fit_epochs, min(max_epochs, max(1, math.floor(fit_epochs + 0.5))))
+                options[f"finetune@{size}x{fitting[size][1]}"] = finetune_seconds(size, fitting[size][1], work, rates)
     for size in sizes:
         options[f"probe@{size}"] = probe_seconds(size, work, rates)
-    good = [s for s, e in fitting.items() if e >= MIN_GOOD_EPOCHS]
+    good = [s for s, (fit, _) in fitting.items() if fit >= MIN_GOOD_EPOCHS]
     if good:
         size = max(good)
         reason = f"largest input that leaves >= {MIN_GOOD_EPOCHS} epochs"
@@ -179,10 +187,11 @@ def plan_budget(
         return Plan("probe", size, 0, probe_seconds(size, work, rates),
                     (work.val + work.test) / rates.frozen[size] + rates.convert_seconds + FIXED_SECONDS,
                     f"{why}: the largest input whose probe fits", options)
-    epochs = fitting[size]
+    epochs = fitting[size][1]
     # After the deadline: scoring the last (maybe partial) epoch on val, then the closing work.
     after_deadline = work.val / rates.frozen[size] + rates.convert_seconds + closing_seconds(size, work, rates)
-    return Plan("finetune", size, epochs, finetune_seconds(size, epochs, work, rates), after_deadline, reason,
+    seconds = min(finetune_seconds(size, epochs, work, rates), usable)  # rounded up: the guard cuts the last epoch
+    return Plan("finetune", size, epochs, seconds, after_deadline, reason,
                 options, search_seconds=work.val / rates.frozen[size] + search_seconds(size, work, rates))
 
 
@@ -246,7 +255,7 @@ def measure_rates(
         images = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8)
         labels = torch.randint(0, 10, (batch_size,))
         seconds = 0.0
-        for step in range(1 + MEASURE_STEPS):  # step 0 warms up allocators and kernels
+        for step in range(WARMUP_STEPS + MEASURE_STEPS):
             start = clock()
             x = (augment(images, generator) / 255.0).to(device).contiguous(memory_format=torch.channels_last)
             with autocast(device, dtype):
@@ -254,7 +263,7 @@ def measure_rates(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            if step:
+            if step >= WARMUP_STEPS:
                 seconds += clock() - start
         train[size] = MEASURE_STEPS * batch_size / max(seconds, 1e-9)
         start = clock()
