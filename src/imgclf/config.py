@@ -67,6 +67,7 @@ class TrainConfig:
     balance: bool = False  # weight the loss by 1 / class frequency (probe and fine-tuning) for skewed classes
     max_minutes: float | None = None  # wall-time limit in min; after epoch 1 none starts that would pass it
     # Whole-run wall-clock budget in min: picks recipe, size and epochs (training/budget.py).
+    # finetune with neither epochs nor a time limit gets DEFAULT_TIME_BUDGET_MINUTES.
     time_budget_minutes: float | None = None
     feature_cache: bool = True  # keep frozen features on disk ($IMGCLF_CACHE/features) for the next run
     # finetune with standard augmentation: score val at the training size and ~1.15x / 1.3x above
@@ -93,6 +94,25 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# `finetune` without --epochs, --time-budget or --max-minutes is planned for this budget: what
+# users ask is how good a model they can have in a quarter of an hour, and on a small set the plan's
+# epoch cap (20) and early stopping end the run much sooner.
+DEFAULT_TIME_BUDGET_MINUTES = 15.0
+
+
+def with_default_budget(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with the default time budget when fine-tuning has no epochs and no time limit.
+
+    Example:
+        >>> with_default_budget(TrainConfig(data="d", out="o", recipe="finetune")).time_budget_minutes
+        15.0
+        >>> with_default_budget(TrainConfig(data="d", out="o", recipe="finetune", epochs=3)).time_budget_minutes
+    """
+    if cfg.recipe != "finetune" or cfg.epochs is not None or cfg.time_budget_minutes or cfg.max_minutes:
+        return cfg
+    return dataclasses.replace(cfg, time_budget_minutes=DEFAULT_TIME_BUDGET_MINUTES)
 
 
 def validate(cfg: TrainConfig) -> None:

@@ -17,7 +17,7 @@ from torch import nn
 
 from imgclf.backbones import Backbone, create_backbone, resolve_backbone
 from imgclf.bundle import Model, library_versions
-from imgclf.config import TrainConfig, resolve_config, save_yaml
+from imgclf.config import TrainConfig, resolve_config, save_yaml, with_default_budget
 from imgclf.data.check import preflight
 from imgclf.data.pipeline import ImageStore, Preprocessing
 from imgclf.data.sources import Dataset, ImageSet, load_dataset, stratified_split
@@ -112,6 +112,11 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> Model:
         cfg = resolve_config(**overrides)
     else:
         cfg = dataclasses.replace(config, **overrides) if overrides else config
+    planned = with_default_budget(cfg)
+    if planned is not cfg:
+        log(f"no --epochs, --time-budget or --max-minutes: planning for the default budget of "
+            f"{planned.time_budget_minutes:g} min (pass --epochs N or --time-budget MINUTES to choose)")
+        cfg = planned
     if not cfg.data or not cfg.out:
         raise ConfigError("train needs both data and out", fix="imgclf train DATA --out DIR")
     out = Path(cfg.out)
