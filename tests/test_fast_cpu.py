@@ -33,7 +33,7 @@ from imgclf.training.feature_cache import (
     content_keys,
     model_key,
 )
-from imgclf.training.finetune import warmup_cosine
+from imgclf.training.finetune import REPLAN_AT_STEP, WarmupCosine, replanned_epochs
 
 PREP = Preprocessing(image_size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 
@@ -239,7 +239,7 @@ class FakeClock:
 
 def test_lr_decays_by_time_when_steps_lag_behind() -> None:
     clock = FakeClock(tick=0.0)
-    factor = warmup_cosine(1000, 1, time_window=(0.0, 100.0), clock=clock)
+    factor = WarmupCosine(1000, 1, time_window=(0.0, 100.0), clock=clock)
     assert factor(10) == pytest.approx(1.0, abs=1e-3)  # early in steps and in time
     clock.now = 50.0
     assert factor(10) == pytest.approx(0.5)  # half the time gone: half-way down the cosine
@@ -283,6 +283,40 @@ def test_fit_stops_mid_epoch_at_a_hard_deadline_and_keeps_the_best_weights(tmp_p
     assert all(not h["stopped_mid_epoch"] for h in result.history[:-1])
     state = model.state_dict()
     assert all(torch.equal(state[k], best[k]) for k in state)  # the best epoch's weights are loaded
+
+
+def test_replanned_epochs_follow_the_measured_speed() -> None:
+    options = dict(steps_per_epoch=100, steps_done=30, val_images=640, batch_size=64, max_epochs=20)
+    # 1 s a step: this epoch needs 70 + 7.5 s, every further one 107.5 s.
+    assert replanned_epochs(seconds_per_step=1.0, seconds_left=77.5 + 3 * 107.5, **options) == 4  # type: ignore[arg-type]
+    assert replanned_epochs(seconds_per_step=2.0, seconds_left=77.5 + 3 * 107.5, **options) == 2  # type: ignore[arg-type]
+    assert replanned_epochs(seconds_per_step=1.0, seconds_left=10.0, **options) == 1  # type: ignore[arg-type]
+    assert replanned_epochs(seconds_per_step=0.001, seconds_left=1e6, **options) == 20  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("max_epochs, trained", [(3, 3), (None, 1)])
+def test_a_budget_run_re_plans_its_epochs_on_the_first_steps(tmp_path: Path, max_epochs: int | None,
+                                                             trained: int) -> None:
+    from imgclf.backbones import create_backbone
+    from imgclf.config import TrainConfig
+    from imgclf.model import ImageClassifier
+    from imgclf.training.finetune import fit
+
+    torch.manual_seed(0)
+    dataset = load_dataset(str(make_image_folder(tmp_path / "data", per_class=16)), val_fraction=0.25, seed=0)
+    train = ImageStore(dataset.train, PREP, memory_budget=2**30, workers=1)
+    val = ImageStore(dataset.val, PREP, memory_budget=2**30, workers=1)
+    assert len(train) > REPLAN_AT_STEP  # batch size 1: the re-plan happens inside epoch 1
+    backbone = create_backbone(TINY_BACKBONE, random_init=True)
+    model = ImageClassifier(backbone.model, nn.Linear(backbone.num_features, 3))
+    cfg = TrainConfig(data="d", out="o", batch_size=1, time_budget_minutes=1.0, augment="none", patience=5)
+    # Planned for 1 epoch, but the clock says steps are fast and the deadline is far away: the
+    # re-plan gives the cap. Without a cap (not a budget run's fit) the plan stands.
+    result = fit(model, train, val, cfg, epochs=1, device=torch.device("cpu"), dtype=torch.float32,
+                 deadline=1e9, clock=FakeClock(tick=0.001), max_epochs=max_epochs)
+    assert len(result.history) == trained
+    if trained > 1:
+        assert result.history[1]["lr"] > 0  # epoch 2 started with a live learning rate, not a spent schedule
 
 
 @pytest.mark.slow  # a real run under a 1-minute budget

@@ -100,33 +100,59 @@ def param_groups(model: ImageClassifier, cfg: TrainConfig) -> list[dict[str, Any
     return [g for g in groups if g["params"]]
 
 
-def warmup_cosine(
-    total_steps: int,
-    warmup_steps: int,
-    *,
-    time_window: tuple[float, float] | None = None,
-    clock: Callable[[], float] = time.perf_counter,
-) -> Any:
+@dataclass
+class WarmupCosine:
     """lr multiplier: linear from 0 to 1 over `warmup_steps`, then cosine down to 0 at the end.
 
     With `time_window` (start, deadline as `clock()` values) the cosine follows whichever is
     further along, steps or time, so the rate has decayed by the deadline even on a slower machine.
+    `total_steps` may change while training (a time budget re-planned on the measured speed).
 
     Example:
-        >>> warmup_cosine(100, 10)(55)
+        >>> WarmupCosine(100, 10)(55)
         0.5
     """
 
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress_ = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        if time_window is not None:
-            start, end = time_window
-            progress_ = max(progress_, (clock() - start) / max(end - start, 1e-9))
+    total_steps: int
+    warmup_steps: int
+    time_window: tuple[float, float] | None = None
+    clock: Callable[[], float] = time.perf_counter
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        progress_ = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
+        if self.time_window is not None:
+            start, end = self.time_window
+            progress_ = max(progress_, (self.clock() - start) / max(end - start, 1e-9))
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress_)))
 
-    return factor
+
+REPLAN_FROM_STEP = 5  # budget runs: time steps REPLAN_FROM_STEP..REPLAN_AT_STEP of the first epoch (the
+REPLAN_AT_STEP = 30  # first ones run slow), then re-plan the epochs on that speed (see `replanned_epochs`)
+
+
+def replanned_epochs(
+    *, seconds_per_step: float, steps_per_epoch: int, steps_done: int, val_images: int, batch_size: int,
+    seconds_left: float, max_epochs: int,
+) -> int:
+    """Epochs that fit in `seconds_left` at the measured training speed, rounded to the nearest, >= 1.
+
+    A time budget's plan rests on a few steps timed before any data is loaded; a shared or noisy
+    machine makes it wrong either way (measured here: 49-56 img/s planned, 77 img/s trained). The
+    first epoch's own steps are the better measure. Val is scored at ~4x the training speed (a
+    frozen forward vs forward + backward: 523 vs 77 img/s measured, so this is conservative), plus 5 s.
+
+    Example:
+        >>> replanned_epochs(seconds_per_step=1.0, steps_per_epoch=100, steps_done=30, val_images=640,
+        ...                  batch_size=64, seconds_left=370, max_epochs=20)
+        4
+    """
+    val_seconds = val_images / batch_size * seconds_per_step / 4 + 5.0
+    epoch_seconds = steps_per_epoch * seconds_per_step + val_seconds
+    this_epoch = (steps_per_epoch - steps_done) * seconds_per_step + val_seconds
+    fit = 1 + max(0.0, seconds_left - this_epoch) / epoch_seconds
+    return int(min(max_epochs, max(1, math.floor(fit + 0.5))))
 
 
 def evaluate_store(
@@ -229,6 +255,7 @@ def fit(
     callbacks: Sequence[Callback] = (),
     checkpointer: Checkpointer | None = None,
     deadline: float | None = None,
+    max_epochs: int | None = None,
     clock: Callable[[], float] = time.perf_counter,
 ) -> FitResult:
     """Fine-tune `model` in place for up to `epochs`, then load the best epoch's weights.
@@ -238,7 +265,9 @@ def fit(
     With `deadline` (a `clock()` value), no epoch is started that would end after it. Under a time
     budget (`cfg.time_budget_minutes`) the deadline is hard instead: an epoch stops mid-way when
     it passes, the partial epoch is scored on val like any other and the best weights so far are
-    kept, and the lr schedule decays by time as well as by steps (see training/budget.py).
+    kept, and the lr schedule decays by time as well as by steps (see training/budget.py); with
+    `max_epochs`, the epochs are re-planned early in the first epoch on the measured speed, up to it.
+    A run resumed after that point keeps the plan it was resumed with.
     """
     result = FitResult()
     if epochs == 0:
@@ -249,12 +278,20 @@ def fit(
     model.set_backbone_trainable(True, freeze_bn=cfg.freeze_bn)
     optimizer = torch.optim.AdamW(param_groups(model, cfg))
     steps_per_epoch = math.ceil(len(train_store) / cfg.batch_size)
-    total = steps_per_epoch * epochs
     hard_deadline = deadline is not None and cfg.time_budget_minutes is not None
     window = (clock(), deadline) if hard_deadline and deadline is not None else None
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(total, max(1, int(cfg.warmup_fraction * total)), time_window=window, clock=clock)
-    )
+    schedule = WarmupCosine(0, 1, time_window=window, clock=clock)
+
+    def set_epochs(count: int) -> None:
+        nonlocal epochs
+        epochs = count
+        schedule.total_steps = steps_per_epoch * count
+        schedule.warmup_steps = max(1, int(cfg.warmup_fraction * schedule.total_steps))
+
+    set_epochs(epochs)
+    # A lambda, not the object: LambdaLR would put the object's fields (a clock) in its state_dict.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step))
+    replan_clock: float | None = None  # clock() at step REPLAN_FROM_STEP of the first epoch, budget runs
     # --balance: weight each image by 1 / its class frequency, so small classes count as much.
     weight = balanced_class_weights(train_store.labels, model.num_classes).to(device) if cfg.balance else None
     criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
@@ -264,6 +301,21 @@ def fit(
         checkpointer.restore_fit(model, optimizer, scheduler, state, result)
 
     def on_step() -> None:
+        nonlocal replan_clock
+        if hard_deadline and deadline is not None and state.epoch == 1 and max_epochs is not None:
+            if state.step == REPLAN_FROM_STEP:
+                replan_clock = clock()
+            elif state.step == REPLAN_AT_STEP and replan_clock is not None:
+                seconds_per_step = (clock() - replan_clock) / (REPLAN_AT_STEP - REPLAN_FROM_STEP)
+                count = replanned_epochs(
+                    seconds_per_step=seconds_per_step, steps_per_epoch=steps_per_epoch, steps_done=state.step,
+                    val_images=len(val_store), batch_size=cfg.batch_size, seconds_left=deadline - clock(),
+                    max_epochs=max_epochs,
+                )
+                if count != epochs:
+                    log(f"re-planned on the first {REPLAN_AT_STEP} steps ({cfg.batch_size / seconds_per_step:.0f} "
+                        f"img/s): {count} epoch(s) instead of {epochs}")
+                    set_epochs(count)
         if checkpointer is not None and checkpointer.due():
             checkpointer.save_fit(model, optimizer, scheduler, state, result)
 

@@ -155,6 +155,7 @@ def _train(cfg: TrainConfig, out: Path) -> Model:
     dtype = compute_dtype(device, cfg.precision)
     deadline = started + 60 * cfg.max_minutes if cfg.max_minutes else None
     search_end = deadline  # the test-time size search must end by then (the budget moves it)
+    epoch_cap: int | None = None  # budget runs: the most epochs a re-plan may give
     if cfg.recipe == "seed":
         prep, backbone = seed_setup(cfg, median_short_side(dataset.train, seed=cfg.seed))
         if cfg.time_budget_minutes:  # no plan for seed: its epoch guard, with 10% left for scoring
@@ -162,7 +163,9 @@ def _train(cfg: TrainConfig, out: Path) -> Model:
     else:
         backbone = create_backbone(cfg.backbone, weights=cfg.weights, random_init=cfg.random_init)
         if cfg.time_budget_minutes:
-            from imgclf.training.budget import plan_run
+            from imgclf.training.budget import MAX_EPOCHS, plan_run
+
+            epoch_cap = cfg.epochs if cfg.epochs is not None else MAX_EPOCHS
 
             upper = choose_image_size(int(backbone.data_config["input_size"][-1]),
                                       median_short_side(dataset.train, seed=cfg.seed), "probe", device)
@@ -174,7 +177,8 @@ def _train(cfg: TrainConfig, out: Path) -> Model:
     log(f"input: {prep.image_size} px, {prep.interpolation}, mean {prep.mean}, std {prep.std}; "
         f"device {device}, {str(dtype).replace('torch.', '')}")
 
-    fitted = _fit(backbone, dataset, prep, cfg, device, dtype, checkpointer, callbacks, deadline, search_end)
+    fitted = _fit(backbone, dataset, prep, cfg, device, dtype, checkpointer, callbacks, deadline, search_end,
+                  epoch_cap)
     prep, stores = fitted.prep, fitted.stores  # the test-time size, and val/test decoded at it
     metrics = {
         split: classification_metrics(probs, labels, dataset.classes)
@@ -262,6 +266,7 @@ def _fit(
     callbacks: list[Callback],
     deadline: float | None = None,
     search_end: float | None = None,
+    epoch_cap: int | None = None,
 ) -> _Fitted:
     """Fit the head on frozen features, then (finetune) train the whole network and choose the
     test-time input size on val; or (seed) train the article's network end to end. No epoch after
@@ -295,7 +300,7 @@ def _fit(
     epochs = DEFAULT_FINETUNE_EPOCHS if cfg.epochs is None else cfg.epochs
     if finetune and epochs > 0:
         result = fit(model, stores["train"], stores["val"], cfg, epochs=epochs, device=device, dtype=dtype,
-                     callbacks=callbacks, checkpointer=checkpointer, deadline=deadline)
+                     callbacks=callbacks, checkpointer=checkpointer, deadline=deadline, max_epochs=epoch_cap)
         history = result.history
         log(f"best epoch {result.best_epoch}: val accuracy {result.best_val_accuracy:.4f}")
         if cfg.test_time_size_search and cfg.augment == "standard":
