@@ -89,6 +89,11 @@ def run(name: str, data: Path, out: Path, minutes: float, **options: Any) -> dic
         "parameters": sum(p.numel() for p in model.module.parameters()),
         "epochs": len(history),
         "epoch_seconds": sum(epoch_seconds) / len(epoch_seconds) if epoch_seconds else None,
+        # A budget may stop an epoch mid-way: the whole-epoch time at the speed it trained.
+        "full_epoch_seconds": (sum(meta["data"]["counts"]["train"].values()) / history[0]["train_images_per_s"]
+                               if history else None),
+        "train_images_per_s": history[0]["train_images_per_s"] if history else None,
+        "images_trained": sum(h.get("images", 0) for h in history),
         "wall_seconds": wall,
         "val_accuracy": meta["metrics"]["val"]["accuracy"],
         "test_accuracy": meta["metrics"].get("test", {}).get("accuracy"),
@@ -100,15 +105,18 @@ def table(rows: list[dict[str, Any]], minutes: float) -> str:
     lines = [
         f"Time budget: {minutes:g} min per recipe (`--time-budget`, wall clock from the start of `train`).",
         "",
-        "| recipe | backbone (weights) | input | params | epochs | epoch time | wall time | val acc | test acc |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| recipe | backbone (weights) | input | params | epochs (images trained) | train img/s | full epoch "
+        "| wall time | val acc | test acc |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
-        epoch = f"{r['epoch_seconds']:.1f} s" if r["epoch_seconds"] is not None else "-"
+        speed = f"{r['train_images_per_s']:.1f}" if r["train_images_per_s"] else "-"
+        epoch = f"{r['full_epoch_seconds']:.0f} s" if r["full_epoch_seconds"] else "-"
         test = f"{r['test_accuracy']:.4f}" if r["test_accuracy"] is not None else "-"
         lines.append(
             f"| {r['recipe']} | {r['backbone']} ({r['weights']}) | {r['image_size']} px | {r['parameters']:,} "
-            f"| {r['epochs']} | {epoch} | {r['wall_seconds']:.0f} s | {r['val_accuracy']:.4f} | {test} |"
+            f"| {r['epochs']} ({r['images_trained']:,}) | {speed} | {epoch} | {r['wall_seconds']:.0f} s "
+            f"| {r['val_accuracy']:.4f} | {test} |"
         )
     return "\n".join(lines)
 

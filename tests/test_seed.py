@@ -199,3 +199,30 @@ def test_summary_of_a_probe_bundle_counts_the_backbone_as_frozen(
 def test_summary_without_bundle_or_classes_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["summary", "--recipe", "seed"]) == 2
     assert "--num-classes" in capsys.readouterr().err
+
+
+def test_under_a_time_budget_the_seed_epoch_stops_at_the_deadline(tmp_path: Path) -> None:
+    import time
+
+    from imgclf.config import TrainConfig
+    from imgclf.data.pipeline import ImageStore, Preprocessing
+    from imgclf.training.seed import build_seed_model, fit_seed
+
+    dataset = load_dataset(str(make_image_folder(tmp_path / "data", classes=2, per_class=8, size=32)),
+                           val_fraction=0.25, seed=0)
+    prep = Preprocessing(image_size=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    train, val = (ImageStore(s, prep, memory_budget=2**26, workers=1) for s in (dataset.train, dataset.val))
+    base = create_conv_base("vgg11", image_size=32, random_init=True)
+    model = build_seed_model(base.model, base.num_features, 2)
+    cfg = TrainConfig(data="d", out="o", recipe="seed", batch_size=4, time_budget_minutes=1.0)
+    # The deadline has passed: a budget run stops before its next step, even in the first epoch,
+    # and the (empty) partial epoch is still scored on val.
+    history = fit_seed(model, train, val, cfg, epochs=5, device=torch.device("cpu"), dtype=torch.float32,
+                       deadline=time.perf_counter())
+    assert len(history) == 1 and history[0]["stopped_mid_epoch"] and history[0]["images"] == 0
+    assert "val_accuracy" in history[0]
+    # Without a budget the same deadline still lets the first epoch run whole (the epoch guard).
+    cfg = TrainConfig(data="d", out="o", recipe="seed", batch_size=4, max_minutes=1.0)
+    history = fit_seed(model, train, val, cfg, epochs=5, device=torch.device("cpu"), dtype=torch.float32,
+                       deadline=time.perf_counter())
+    assert len(history) == 1 and not history[0]["stopped_mid_epoch"] and history[0]["images"] == len(train)
