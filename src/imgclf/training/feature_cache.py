@@ -146,7 +146,8 @@ class FeatureCache:
             except Exception as exc:  # a truncated or foreign file: recompute those images
                 log(f"warning: ignoring unreadable feature cache file {shard} ({type(exc).__name__}: {exc}); "
                     "its images are computed again")
-                shard.unlink(missing_ok=True)
+                if distributed.is_main():  # under torchrun only rank 0 writes the cache
+                    shard.unlink(missing_ok=True)
                 continue
             for j, i in hits:
                 if not found[i]:
