@@ -298,3 +298,51 @@ def test_two_processes_probe_like_one(workspace: Path) -> None:
     shards = list(Path(str(two) + ".cache").rglob("*.safetensors"))
     keys = torch.cat([load_file(str(s))["keys"] for s in shards])
     assert len(keys) == 27 + 3 == len({bytes(k.numpy()) for k in keys})
+
+
+def test_helpers_do_nothing_without_torchrun() -> None:
+    from imgclf import distributed
+
+    assert distributed.launch() is None and not distributed.active() and distributed.is_main()
+    assert distributed.shard_range(5).tolist() == [0, 1, 2, 3, 4]
+    assert distributed.batch_slice(4) == slice(None)
+    rows = torch.arange(6.0).reshape(3, 2)
+    assert distributed.gather_rows(rows) is rows
+    assert distributed.agree("mine") == "mine" and distributed.rank0_result(lambda: 7) == 7
+    assert distributed.all_sum([1, torch.tensor(2.5)]) == [1.0, 2.5]  # summed over one rank
+
+
+def _gather_worker(rank: int, store_file: str, results: str) -> None:
+    """One of two gloo processes: uneven and empty blocks, and an error on rank 0 reaching rank 1."""
+    from imgclf import distributed
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=2)
+    try:
+        block = distributed.shard_range(1).tolist()  # rank 0 gets the one row, rank 1 none
+        local = torch.full((len(block), 3), float(rank + 1)) if block else torch.zeros(0, 0)
+        gathered = distributed.gather_rows(local)
+        uneven = distributed.gather_rows(torch.arange(3 if rank == 0 else 2) + 10 * rank)
+        try:
+            distributed.rank0_result(lambda: 1 / 0)
+            failure = ""
+        except Exception as exc:  # noqa: BLE001 - recorded for the test
+            failure = type(exc).__name__
+        Path(results, f"{rank}.json").write_text(json.dumps({
+            "block": block, "gathered": gathered.tolist(), "uneven": uneven.tolist(), "failure": failure,
+            "slice": [0, 1, 2][distributed.batch_slice(3)],
+        }))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_gather_handles_uneven_and_empty_blocks(tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    mp.spawn(_gather_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    results = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)]
+    assert [r["block"] for r in results] == [[0], []]
+    assert [r["slice"] for r in results] == [[0, 2], [1]]
+    for r in results:  # every rank sees the same rows, in rank order
+        assert r["gathered"] == [[1.0, 1.0, 1.0]]
+        assert r["uneven"] == [0, 1, 2, 10, 11]
+    assert [r["failure"] for r in results] == ["ZeroDivisionError", "RankFailedError"]

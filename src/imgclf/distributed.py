@@ -244,8 +244,8 @@ def all_sum(values: Sequence[float | torch.Tensor]) -> list[float]:
 def shard_range(count: int) -> np.ndarray:
     """This rank's contiguous block of positions 0 .. count - 1 (all of them without a group).
 
-    Blocks differ in length by at most one; rank order is position order, so gathering the blocks
-    in rank order gives back the original order.
+    The first `count % world` ranks get one position more than the others; rank order is position
+    order, so gathering the blocks in rank order gives back the original order.
 
     Example:
         >>> shard_range(5)  # one process
@@ -253,8 +253,9 @@ def shard_range(count: int) -> np.ndarray:
     """
     if not active():
         return np.arange(count)
-    bounds = np.linspace(0, count, world_size() + 1).round().astype(np.int64)
-    return np.arange(bounds[rank()], bounds[rank() + 1])
+    size, extra = divmod(count, world_size())
+    start = rank() * size + min(rank(), extra)
+    return np.arange(start, start + size + (rank() < extra))
 
 
 def batch_slice(count: int) -> slice:
