@@ -313,7 +313,7 @@ def wrap(model: nn.Module, device: torch.device, *, broadcast_buffers: bool) -> 
     ids = [device.index] if device.type == "cuda" else None
     # Newer torch renamed the option (the old name warns); both still copy rank 0's buffers at the start.
     renamed = "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
-    option = {"forward_sync_buffers" if renamed else "broadcast_buffers": broadcast_buffers}
+    option: dict[str, Any] = {"forward_sync_buffers" if renamed else "broadcast_buffers": broadcast_buffers}
     return DistributedDataParallel(model, device_ids=ids, **option)
 
 
