@@ -65,6 +65,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 def cmd_train(args: argparse.Namespace) -> int:
     from imgclf.config import load_yaml, resolve_config
+    from imgclf.distributed import is_main
     from imgclf.training.run import train
 
     file_values = load_yaml(args.config) if args.config else {}
@@ -80,6 +81,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     }
     cfg = resolve_config(file_values, **flags)
     model = train(cfg)
+    if not is_main():  # under torchrun, rank 0 prints the results once
+        return 0
     for split, values in model.meta["metrics"].items():
         # Skewed classes: lead with the metrics that the majority class cannot inflate.
         lead = (f"balanced accuracy {values['balanced_accuracy']:.4f}, macro-F1 {values['macro_f1']:.4f} "

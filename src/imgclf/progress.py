@@ -12,11 +12,18 @@ from typing import Any, TextIO
 
 from tqdm import tqdm
 
+from imgclf.distributed import is_main
+
 
 def progress(*, total: int, desc: str, unit: str = "img", **kwargs: Any) -> tqdm:
-    """A tqdm bar on stderr. Shown on a terminal; `IMGCLF_PROGRESS=1` forces it, `=0` hides it."""
+    """A tqdm bar on stderr. Shown on a terminal; `IMGCLF_PROGRESS=1` forces it, `=0` hides it.
+
+    Under torchrun only rank 0 shows bars.
+    """
     setting = os.environ.get("IMGCLF_PROGRESS", "")
     disable = None if setting == "" else setting == "0"  # None: tqdm hides it off a terminal
+    if not is_main():
+        disable = True
     return tqdm(
         total=total,
         desc=desc,
@@ -35,7 +42,12 @@ _LOG_FILES: list[TextIO] = []
 
 
 def log(message: str) -> None:
-    """One line of the run's narrative, on stderr (and, with a timestamp, in any `log_to_file`)."""
+    """One line of the run's narrative, on stderr (and, with a timestamp, in any `log_to_file`).
+
+    Under torchrun only rank 0 logs: the ranks run the same code, so their lines would repeat it.
+    """
+    if not is_main():
+        return
     tqdm.write(message, file=sys.stderr)
     for handle in _LOG_FILES:
         handle.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from imgclf.distributed import openvino_properties
 from imgclf.errors import ConfigError
 
 
@@ -116,7 +117,9 @@ class FrozenForward:
                 ov_model = ov.convert_model(self.module, example_input=example)
             ov_model.reshape({0: ov.PartialShape([-1, 3, image_size, image_size])})
             hint = "bf16" if self.dtype == torch.bfloat16 else "f32"
-            compiled = ov.Core().compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": hint})
+            # Under torchrun: this process's share of the cores (see imgclf.distributed).
+            properties = {"INFERENCE_PRECISION_HINT": hint, **openvino_properties()}
+            compiled = ov.Core().compile_model(ov_model, "CPU", properties)
             self._compiled = _openvino_runner(compiled)
         elif runtime == "onnx":
             self._compiled = _onnx_runner(self.module, image_size)

@@ -309,6 +309,7 @@ def plan_run(
     dtype: torch.dtype,
     started: float,
     upper_size: int,
+    parallel: int = 1,
     clock: Callable[[], float] = time.perf_counter,
 ) -> tuple[TrainConfig, float, float]:
     """Measure, plan, log; returns the config with recipe, image_size and epochs set, the
@@ -316,7 +317,8 @@ def plan_run(
     test-time size search must end.
 
     `--image-size` limits the plan to that size, `--epochs` caps the epochs, `--recipe probe`
-    rules out fine-tuning.
+    rules out fine-tuning. `parallel` processes (torchrun) share the training steps and frozen
+    passes: their measured rates, each taken while the others measure too, are multiplied by it.
     """
     import dataclasses
 
@@ -339,6 +341,9 @@ def plan_run(
         precision=cfg.precision, freeze_bn=cfg.freeze_bn,
         decode_images=sample_decoder(dataset.train, prep_at, workers=cfg.workers, clock=clock), clock=clock,
     )
+    if parallel > 1:
+        rates = dataclasses.replace(rates, train={s: r * parallel for s, r in rates.train.items()},
+                                    frozen={s: r * parallel for s, r in rates.frozen.items()})
     work = Workload(
         train=len(dataset.train), val=len(dataset.val), test=len(dataset.test) if dataset.test is not None else 0,
         head_fit=min(len(dataset.train), cfg.head_fit_images),

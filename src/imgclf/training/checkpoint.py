@@ -449,6 +449,43 @@ class Checkpointer:
             shutil.rmtree(trash, ignore_errors=True)
 
 
+class ReplicaCheckpointer(Checkpointer):
+    """The checkpointer of a torchrun rank other than 0: restores like rank 0's, writes nothing.
+
+    It still checks the weights before each (skipped) save, so a NaN stops every rank alike.
+    """
+
+    def finish(self) -> None:
+        pass
+
+    def _write(self, values: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        self.last_save = time.monotonic()
+
+
+def open_checkpointer(cfg: TrainConfig) -> Checkpointer:
+    """`Checkpointer.open(cfg)`; under torchrun on rank 0 only, which sends the checkpoint it
+    resumes from (or its error) to the other ranks, so `--out` need not be shared by the machines.
+    """
+    from safetensors.torch import load, save
+
+    from imgclf import distributed
+
+    if not distributed.active():
+        return Checkpointer.open(cfg)
+    opened: list[Checkpointer] = []
+
+    def open_on_rank0() -> tuple[str, bytes, dict[str, Any]] | None:
+        opened.append(Checkpointer.open(cfg))
+        found = opened[0].resume_from
+        return None if found is None else (str(found.folder), save(found.tensors), found.state)
+
+    sent = distributed.rank0_result(open_on_rank0)
+    if opened:
+        return opened[0]
+    resume_from = None if sent is None else Checkpoint(Path(sent[0]), load(sent[1]), sent[2])
+    return ReplicaCheckpointer(Path(cfg.out), cfg, resume_from)
+
+
 def check_same_run(checkpoint: Checkpoint, cfg: TrainConfig) -> None:
     """Refuse to resume with options that change what the run computes.
 

@@ -14,13 +14,13 @@ val 0.8956 / 0.9000 / 0.9026 / 0.8984 / 0.8994 at 96 / 112 / 128 / 144 / 160 px;
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Any
 
 import torch
 
 from imgclf.data.pipeline import ImageStore, Preprocessing
 from imgclf.data.sources import ImageSet
+from imgclf.distributed import clock
 from imgclf.model import ImageClassifier
 from imgclf.progress import log
 
@@ -62,6 +62,8 @@ def choose_eval_size(
 
     `train_size_accuracy` is val accuracy at `prep.image_size`, already known from training. No
     candidate starts whose estimated time (the previous pass scaled by pixels) would end past `deadline`.
+    Under torchrun every rank must call it: the val passes are sharded, and the time decisions use
+    rank 0's clock (`distributed.clock`), so all ranks try the same sizes.
     """
     from imgclf.training.finetune import evaluate_store
 
@@ -71,20 +73,21 @@ def choose_eval_size(
     for size in candidate_sizes(prep.image_size)[1:]:
         if deadline is not None and previous is not None:
             estimate = previous[1] * (size / previous[0]) ** 2
-            if time.perf_counter() + estimate > deadline:
+            if clock() + estimate > deadline:
                 log(f"test-time size: {size} px skipped, it would end past the time limit")
                 break
-        started = time.perf_counter()
+        started = clock()
         candidate = dataclasses.replace(prep, image_size=size)
         store = ImageStore(images, candidate, memory_budget=memory_budget, workers=workers,
                            description=f"decode val {size}px")
         try:
-            _, accuracy, _, _ = evaluate_store(model, store, batch_size=batch_size, device=device, precision=precision)
+            _, accuracy, _, _ = evaluate_store(model, store, batch_size=batch_size, device=device, precision=precision,
+                                               shard=True)
         except Exception as exc:  # noqa: BLE001 - e.g. fixed position embeddings; the training size still works
             log(f"test-time size: the network does not take {size} px ({type(exc).__name__}: {exc}); "
                 f"keeping {best.image_size} px")
             break
-        previous = (size, time.perf_counter() - started)
+        previous = (size, clock() - started)
         scores[size] = float(accuracy)
         if accuracy > scores[best.image_size]:
             best = candidate

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from imgclf import distributed
 from imgclf.data.pipeline import ImageStore, Preprocessing, default_workers, normalize
 from imgclf.data.sources import ImageSet
 from imgclf.progress import log, progress
@@ -145,7 +146,8 @@ class FeatureCache:
             except Exception as exc:  # a truncated or foreign file: recompute those images
                 log(f"warning: ignoring unreadable feature cache file {shard} ({type(exc).__name__}: {exc}); "
                     "its images are computed again")
-                shard.unlink(missing_ok=True)
+                if distributed.is_main():  # under torchrun only rank 0 writes the cache
+                    shard.unlink(missing_ok=True)
                 continue
             for j, i in hits:
                 if not found[i]:
@@ -218,43 +220,59 @@ def cached_features(
     batch_size: int,
     desc: str,
     workers: int = 0,
+    shard: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Like `run_frozen`: (features N x D, labels N) of the readable images of `store`, in order.
 
     Images whose features are in `cache` are read from it; only the others go through `forward`,
-    and their features are added to the cache. With `cache=None` this is `run_frozen`.
+    and their features are added to the cache. With `cache=None` this is `run_frozen`. With
+    `shard` under torchrun, each rank looks up and computes its block of the images, every rank
+    gets all the features, and rank 0 alone adds the new ones to the cache.
 
     Example:
         >>> x, y = cached_features(forward, store, cache=cache, batch_size=64, desc="features train")  # doctest: +SKIP
     """
     if cache is None:
-        return run_frozen(forward, store, batch_size=batch_size, desc=desc)  # type: ignore[arg-type]
-    keys = content_keys(store_images(store), workers=workers)
+        return run_frozen(forward, store, batch_size=batch_size, desc=desc, shard=shard)  # type: ignore[arg-type]
+    block = distributed.shard_range(len(store)) if shard else np.arange(len(store))
+    images = store_images(store)
+    keys = content_keys(images if len(block) == len(store) else images.subset(block), workers=workers)
     found, cached = cache.lookup(keys)
     missing = np.flatnonzero(~found)
     computed_positions: list[np.ndarray] = []
     computed: list[torch.Tensor] = []
     if len(missing):
         bar = progress(total=len(missing), desc=desc)
-        for indices, batch in store.batches(missing, batch_size):
+        for indices, batch in store.batches(block[missing], batch_size):
             computed.append(forward(normalize(batch, store.prep)))
             computed_positions.append(indices)
             bar.update(len(indices))
         bar.close()
     new_positions = np.concatenate(computed_positions) if computed_positions else np.zeros(0, dtype=np.int64)
     new_features = torch.cat(computed) if computed else None
-    if new_features is not None:
-        cache.add(keys[new_positions], new_features)
-    log(f"{desc}: {int(found.sum())} from the feature cache, {len(new_positions)} computed")
+    # Store positions -> rows of `keys` (they differ only for a rank's block).
+    new_keys = keys[np.searchsorted(block, new_positions)] if len(new_positions) else keys[:0]
+    if shard and distributed.active():  # rank 0 writes what every rank computed
+        gathered = distributed.gather_rows(new_features if new_features is not None else torch.zeros(0, 0))
+        new_keys = distributed.gather_rows(torch.from_numpy(new_keys)).numpy()
+        if distributed.is_main() and len(new_keys):
+            cache.add(new_keys, gathered)
+        hits, misses = (int(v) for v in distributed.all_sum([int(found.sum()), len(new_positions)]))
+    else:
+        if new_features is not None:
+            cache.add(new_keys, new_features)
+        hits, misses = int(found.sum()), len(new_positions)
+    log(f"{desc}: {hits} from the feature cache, {misses} computed")
     # Put cached and new rows back in store order; images that failed to decode are left out.
-    positions = np.concatenate([np.flatnonzero(found), new_positions]).astype(np.int64)
+    positions = np.concatenate([block[np.flatnonzero(found)], new_positions]).astype(np.int64)
     parts = [t for t in (cached, new_features) if t is not None]
-    if not parts:
-        return torch.zeros(0, 0), torch.zeros(0, dtype=torch.int64)
-    features = torch.cat(parts)
+    features = torch.cat(parts) if parts else torch.zeros(0, 0)
     order = np.argsort(positions, kind="stable")
     positions = positions[order]
-    return features[torch.from_numpy(order)], store.labels[torch.from_numpy(positions)]
+    features, labels = features[torch.from_numpy(order)], store.labels[torch.from_numpy(positions)]
+    if shard:
+        return distributed.gather_rows(features), distributed.gather_rows(labels)
+    return features, labels
 
 
 def cache_for(

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from imgclf import distributed
 from imgclf.config import TrainConfig
 from imgclf.data.pipeline import Augmentation, ImageStore, normalize
 from imgclf.errors import ImgclfError
@@ -156,14 +157,25 @@ def replanned_epochs(
 
 
 def evaluate_store(
-    model: ImageClassifier, store: ImageStore, *, batch_size: int, device: torch.device, precision: str
+    model: ImageClassifier, store: ImageStore, *, batch_size: int, device: torch.device, precision: str,
+    shard: bool = False,
 ) -> tuple[float, float, np.ndarray, np.ndarray]:
-    """(mean cross-entropy, accuracy, probabilities, labels) of `model` on the images of `store`."""
+    """(mean cross-entropy, accuracy, probabilities, labels) of `model` on the images of `store`.
+
+    With `shard` under torchrun, each rank scores its block of the images and all get every number.
+    """
     forward = FrozenForward(model, image_size=store.prep.image_size, device=device, precision=precision)
-    all_logits, labels = run_frozen(forward, store, batch_size=batch_size, desc="validate")
+    all_logits, labels = run_frozen(forward, store, batch_size=batch_size, desc="validate", shard=shard)
     loss = float(nn.functional.cross_entropy(all_logits, labels))
     acc = float((all_logits.argmax(1) == labels).float().mean())
     return loss, acc, torch.softmax(all_logits, 1).numpy(), labels.numpy()
+
+
+def global_normaliser(criterion: nn.Module, labels: torch.Tensor) -> torch.Tensor | int:
+    """What a mean-reducing `criterion` divides the summed loss of a batch with `labels` by: the
+    image count, or with class weights (`--balance`) the summed weights of the labels."""
+    weight = getattr(criterion, "weight", None)
+    return weight.cpu()[labels].sum().to(weight.device) if weight is not None else len(labels)
 
 
 def train_one_epoch(
@@ -182,12 +194,18 @@ def train_one_epoch(
     on_step: Callable[[], None] | None = None,
     stop_at: float | None = None,
     clock: Callable[[], float] = time.perf_counter,
+    net: nn.Module | None = None,
 ) -> dict[str, Any]:
     """Train on one epoch's batches, from `state.step` on; `on_step` runs after every batch.
 
-    With `stop_at` (a `clock()` value) the epoch ends early once that passes.
+    With `stop_at` (a `clock()` value) the epoch ends early once that passes. `net` runs the
+    forward pass: `model`, or under torchrun a DistributedDataParallel wrapping it, in which case
+    each rank trains on its slice of every global batch (see imgclf.distributed; `criterion`
+    must then sum, `reduction="sum"`, and the loss is divided by the global batch's normaliser).
     """
     model.set_backbone_trainable(True, freeze_bn=cfg.freeze_bn)
+    net = net if net is not None else model
+    sharded = distributed.active()
     state = state if state is not None else LoopState(epoch=epoch)
     if state.step == 0 or state.augment_generator is None:
         state.augment_generator = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
@@ -202,29 +220,40 @@ def train_one_epoch(
             stopped = True
             break
         images = augment(batch, generator) if augment is not None else batch
-        x = normalize(images, store.prep).to(device, non_blocking=True)
-        y = store.labels[torch.from_numpy(indices)].to(device, non_blocking=True)
+        labels = store.labels[torch.from_numpy(indices)]
+        x, y = images, labels
+        if sharded:  # augmented whole above, so the draws are those of one process; train on this rank's slice
+            keep = distributed.batch_slice(len(indices))
+            x, y = images[keep], labels[keep]
+        x = normalize(x, store.prep).to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
         with autocast(device, dtype):
-            logits = model(x)
+            logits = net(x)
             loss = criterion(logits.float(), y)
-        if not torch.isfinite(loss):
+        if sharded:  # this rank's share of the global batch's mean loss: the ranks' shares add up to it
+            loss = loss / global_normaliser(criterion, labels)
+            loss_value, correct = distributed.all_sum([loss, (logits.argmax(1) == y).sum()])
+        else:
+            loss_value, correct = loss.item(), int((logits.argmax(1) == y).sum())
+        if not math.isfinite(loss_value):
             bar.close()
             paths = [store.images.paths[int(i)] for i in indices[:4]] if hasattr(store, "images") else []
             raise NonFiniteLossError(
-                f"the loss became {loss.item()} at epoch {epoch}, step {step} (batch of {len(indices)} images: "
+                f"the loss became {loss_value} at epoch {epoch}, step {step} (batch of {len(indices)} images: "
                 f"positions {indices[:8].tolist()}{', e.g. ' + ', '.join(paths) if paths else ''}); "
                 "training stopped before these weights were updated or saved",
                 expected="a finite loss",
                 fix="lower --lr (e.g. by 10x) or check the input images; the last good checkpoint is kept",
             )
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        # DistributedDataParallel averages the ranks' gradients: times world, they sum to the global batch's.
+        (loss * distributed.world_size() if sharded else loss).backward()
         optimizer.step()
         scheduler.step()
         state.step = step + 1
         state.seen += len(indices)
-        state.correct += int((logits.argmax(1) == y).sum())
-        state.loss_sum += loss.item() * len(indices)
+        state.correct += int(correct)
+        state.loss_sum += loss_value * len(indices)
         state.seconds = clock() - start
         bar.update(len(indices))
         bar.set_postfix(loss=f"{state.loss_sum / state.seen:.3f}", acc=f"{state.correct / state.seen:.3f}",
@@ -262,6 +291,8 @@ def fit(
 
     With a `checkpointer`, the run continues from its last checkpoint (if any) and saves a new
     one after every epoch and whenever `checkpointer.due()` says so within an epoch.
+    Under torchrun the model trains in DistributedDataParallel, every rank on its slice of each
+    batch, and validation is sharded; pass `clock=distributed.clock` so all ranks stop together.
     With `deadline` (a `clock()` value), no epoch is started that would end after it. Under a time
     budget (`cfg.time_budget_minutes`) the deadline is hard instead: an epoch stops mid-way when
     it passes, the partial epoch is scored on val like any other and the best weights so far are
@@ -294,11 +325,15 @@ def fit(
     replan_clock: float | None = None  # clock() at step REPLAN_FROM_STEP of the first epoch, budget runs
     # --balance: weight each image by 1 / its class frequency, so small classes count as much.
     weight = balanced_class_weights(train_store.labels, model.num_classes).to(device) if cfg.balance else None
-    criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+    # Under torchrun each rank sums its slice's losses (see train_one_epoch).
+    reduction = "sum" if distributed.active() else "mean"
+    criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing, reduction=reduction)
     augment = Augmentation.named(cfg.augment, flip=cfg.flip)
     state = LoopState()
     if checkpointer is not None:
         checkpointer.restore_fit(model, optimizer, scheduler, state, result)
+    # Frozen BatchNorm statistics are the same on every rank: no need to broadcast them each step.
+    net = distributed.wrap(model, device, broadcast_buffers=not cfg.freeze_bn)
 
     def on_step() -> None:
         nonlocal replan_clock
@@ -328,11 +363,11 @@ def fit(
             train_one_epoch(
                 model, train_store, optimizer, scheduler, criterion,
                 augment=augment, epoch=epoch, cfg=cfg, device=device, dtype=dtype, state=state, on_step=on_step,
-                stop_at=deadline if hard_deadline else None, clock=clock,
+                stop_at=deadline if hard_deadline else None, clock=clock, net=net,
             )
         )
         val_loss, val_acc, _, _ = evaluate_store(
-            model, val_store, batch_size=cfg.batch_size, device=device, precision=cfg.precision
+            model, val_store, batch_size=cfg.batch_size, device=device, precision=cfg.precision, shard=True
         )
         record.update(val_loss=val_loss, val_accuracy=val_acc)
         result.history.append(record)

@@ -8,28 +8,34 @@ import numpy as np
 import torch
 from torch import nn
 
+from imgclf import distributed
 from imgclf.data.pipeline import ImageStore, normalize
 from imgclf.progress import progress
 from imgclf.runtime import FrozenForward
 
 
 def run_frozen(
-    forward: FrozenForward, store: ImageStore, *, batch_size: int, desc: str
+    forward: FrozenForward, store: ImageStore, *, batch_size: int, desc: str, shard: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run a frozen network over every readable image of `store`.
 
     Returns (outputs N x D float32, labels N); unreadable images are left out (see store.failed).
+    With `shard` under torchrun, each rank runs its block of the images and every rank gets all the
+    outputs, gathered in order (a collective: every rank must call it).
     """
     outputs, labels = [], []
-    bar = progress(total=len(store), desc=desc)
-    for indices, batch in store.batches(np.arange(len(store)), batch_size):
+    positions = distributed.shard_range(len(store)) if shard else np.arange(len(store))
+    bar = progress(total=len(positions), desc=desc)
+    for indices, batch in store.batches(positions, batch_size):
         outputs.append(forward(normalize(batch, store.prep)))
         labels.append(store.labels[torch.from_numpy(indices)])
         bar.update(len(indices))
     bar.close()
-    if not outputs:
-        return torch.zeros(0, 0), torch.zeros(0, dtype=torch.int64)
-    return torch.cat(outputs), torch.cat(labels)
+    local = ((torch.cat(outputs), torch.cat(labels)) if outputs
+             else (torch.zeros(0, 0), torch.zeros(0, dtype=torch.int64)))
+    if shard:
+        return distributed.gather_rows(local[0]), distributed.gather_rows(local[1])
+    return local
 
 
 @dataclass

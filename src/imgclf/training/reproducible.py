@@ -15,16 +15,20 @@ from typing import Any
 import numpy as np
 import torch
 
+from imgclf.distributed import cpu_cores
+
 MAX_DETERMINISTIC_THREADS = 4  # more threads than this rarely speed up a small model on a CPU
 
 
 def deterministic_threads() -> int:
     """The fixed intra-op thread count of deterministic runs: min(cores, 4).
 
+    Under torchrun, cores are this process's share of the machine (`distributed.cpu_cores`).
+
     Float sums are not associative, so a different thread count splits reductions differently and
     changes the last bits; a fixed count keeps two runs on one machine identical.
     """
-    return max(1, min(os.cpu_count() or 1, MAX_DETERMINISTIC_THREADS))
+    return max(1, min(cpu_cores(), MAX_DETERMINISTIC_THREADS))
 
 
 def make_deterministic(seed: int) -> int:

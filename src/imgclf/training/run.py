@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from imgclf import distributed
 from imgclf.backbones import Backbone, create_backbone, resolve_backbone
 from imgclf.bundle import Model, library_versions
 from imgclf.config import TrainConfig, resolve_config, save_yaml, with_default_budget
@@ -27,7 +28,7 @@ from imgclf.model import ImageClassifier
 from imgclf.progress import log, log_to_file
 from imgclf.runtime import FrozenForward, compute_dtype, pick_device
 from imgclf.training.balance import balanced_class_weights
-from imgclf.training.checkpoint import Checkpointer
+from imgclf.training.checkpoint import Checkpointer, open_checkpointer
 from imgclf.training.eval_size import choose_eval_size
 from imgclf.training.feature_cache import LazyForward, cache_for, cached_features
 from imgclf.training.finetune import Callback, evaluate_store, fit
@@ -123,9 +124,16 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> Model:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {cfg.out!r} is a file", fix="pass a folder path for the bundle")
     resolve_backbone(cfg.backbone)  # a typo in the name fails now, not after reading the data
-    out.mkdir(parents=True, exist_ok=True)
-    with log_to_file(out / "train.log"):
-        return _train(cfg, out)
+    if cfg.recipe == "seed" and distributed.launch() is not None:
+        raise ConfigError("--recipe seed runs in one process", expected="a launch without torchrun",
+                          fix="run it as `imgclf train ...`, or use --recipe finetune or probe with torchrun")
+    # Under torchrun (imgclf.distributed) every rank trains; only rank 0 writes, and logs.
+    with distributed.session(pick_device(cfg.device)):
+        if not distributed.is_main():
+            return _train(cfg, out)
+        out.mkdir(parents=True, exist_ok=True)
+        with log_to_file(out / "train.log"):
+            return _train(cfg, out)
 
 
 def _train(cfg: TrainConfig, out: Path) -> Model:
@@ -134,11 +142,15 @@ def _train(cfg: TrainConfig, out: Path) -> Model:
         log(f"deterministic: on, {make_deterministic(cfg.seed)} thread(s)")
     else:
         torch.manual_seed(cfg.seed)
-    checkpointer = Checkpointer.open(cfg)
-    save_yaml(cfg, out / "config.yaml")
-    callbacks: list[Callback] = [MetricsLog(out, history=checkpointer.resumed_history())]
-    if cfg.tensorboard:
-        callbacks.append(TensorBoardLog(out, first_epoch=len(checkpointer.resumed_history()) + 1))
+    if distributed.active():
+        log(f"distributed: {distributed.world_size()} processes, {torch.get_num_threads()} thread(s) each")
+    checkpointer = open_checkpointer(cfg)
+    callbacks: list[Callback] = []
+    if distributed.is_main():
+        save_yaml(cfg, out / "config.yaml")
+        callbacks.append(MetricsLog(out, history=checkpointer.resumed_history()))
+        if cfg.tensorboard:
+            callbacks.append(TensorBoardLog(out, first_epoch=len(checkpointer.resumed_history()) + 1))
 
     dataset = load_dataset(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
     # Decode every file once up front: unreadable ones are dropped (or too many stop the run) now,
@@ -151,7 +163,7 @@ def _train(cfg: TrainConfig, out: Path) -> Model:
         f"data: {dataset.source}, {len(dataset.classes)} classes; train {len(dataset.train)}, "
         f"val {len(dataset.val)}{' (held out from train)' if dataset.val_from_train else ''}, test {test_count}"
     )
-    device = pick_device(cfg.device)
+    device = distributed.rank_device(pick_device(cfg.device))
     dtype = compute_dtype(device, cfg.precision)
     deadline = started + 60 * cfg.max_minutes if cfg.max_minutes else None
     search_end = deadline  # the test-time size search must end by then (the budget moves it)
@@ -169,14 +181,20 @@ def _train(cfg: TrainConfig, out: Path) -> Model:
 
             upper = choose_image_size(int(backbone.data_config["input_size"][-1]),
                                       median_short_side(dataset.train, seed=cfg.seed), "probe", device)
-            cfg, budget_deadline, search_end = plan_run(cfg, backbone, dataset, device=device, dtype=dtype,
-                                                        started=started, upper_size=upper)
+            # Every rank measures (the cores are shared as in the run); all follow rank 0's plan.
+            cfg, budget_deadline, search_end = distributed.rank0_result(
+                lambda: plan_run(cfg, backbone, dataset, device=device, dtype=dtype, started=started,
+                                 upper_size=upper, parallel=distributed.world_size()),
+                everywhere=True,
+            )
             deadline = min(deadline or float("inf"), budget_deadline)
         prep = _preprocessing(backbone, dataset, cfg, device)
     log(f"backbone: {cfg.backbone}, {backbone.num_features} features, weights: {backbone.weights_source}")
     log(f"input: {prep.image_size} px, {prep.interpolation}, mean {prep.mean}, std {prep.std}; "
         f"device {device}, {str(dtype).replace('torch.', '')}")
 
+    # Deadlines in rank 0's clock, which `distributed.clock` reads on every rank.
+    deadline, search_end = distributed.agree((deadline, search_end))
     fitted = _fit(backbone, dataset, prep, cfg, device, dtype, checkpointer, callbacks, deadline, search_end,
                   epoch_cap)
     prep, stores = fitted.prep, fitted.stores  # the test-time size, and val/test decoded at it
@@ -184,7 +202,9 @@ def _train(cfg: TrainConfig, out: Path) -> Model:
         split: classification_metrics(probs, labels, dataset.classes)
         for split, (probs, labels) in fitted.predictions.items()
     }
-    skipped = unreadable + [{"path": p, "reason": r} for s in stores.values() for p, r in s.failed]
+    # Streamed images that failed to decode are found by the rank that read them.
+    failed = distributed.gather_lists([item for s in stores.values() for item in s.failed])
+    skipped = unreadable + [{"path": p, "reason": r} for p, r in dict.fromkeys(failed)]
     meta = {
         "backbone": {
             "name": cfg.backbone,
@@ -205,10 +225,12 @@ def _train(cfg: TrainConfig, out: Path) -> Model:
         "skipped_files": skipped,
         "wall_seconds": round(time.perf_counter() - started, 1),
         "hardware": {"device": str(device), "dtype": str(dtype), "cpu": platform.processor() or platform.machine(),
-                     "threads": torch.get_num_threads()},
+                     "threads": torch.get_num_threads(), **distributed.describe()},
         "versions": library_versions(),
     }
     trained = Model(fitted.model, dataset.classes, prep, meta)
+    if not distributed.is_main():  # the other ranks' work ends here: rank 0 writes everything
+        return trained
     trained.save(out)
     checkpointer.finish()
     (out / "history.json").write_text(json.dumps(fitted.history, indent=2), encoding="utf-8")
@@ -272,7 +294,9 @@ def _fit(
     test-time input size on val; or (seed) train the article's network end to end. No epoch after
     the first starts that would end past `deadline`; the size search ends by `search_end`.
     """
-    budget = memory_budget(cfg.memory_fraction)
+    # Under torchrun every process on a machine decodes the training images: they share the budget.
+    launched = distributed.launch()
+    budget = distributed.agree(memory_budget(cfg.memory_fraction / (launched.local_world_size if launched else 1)))
     finetune = cfg.recipe in ("finetune", "seed")
     # The probe reads every image once, so streaming costs nothing extra; fine-tuning re-reads
     # train and val every epoch, so those are kept decoded in memory when they fit.
@@ -302,7 +326,8 @@ def _fit(
     epochs = DEFAULT_FINETUNE_EPOCHS if cfg.epochs is None else cfg.epochs
     if finetune and epochs > 0:
         result = fit(model, stores["train"], stores["val"], cfg, epochs=epochs, device=device, dtype=dtype,
-                     callbacks=callbacks, checkpointer=checkpointer, deadline=deadline, max_epochs=epoch_cap)
+                     callbacks=callbacks, checkpointer=checkpointer, deadline=deadline, max_epochs=epoch_cap,
+                     clock=distributed.clock)
         history = result.history
         log(f"best epoch {result.best_epoch}: val accuracy {result.best_val_accuracy:.4f}")
         if cfg.test_time_size_search and cfg.augment == "standard":
@@ -346,7 +371,8 @@ def _fit_head(
                       dtype=compute_dtype(device, cfg.precision)) if cfg.feature_cache else None
 
     def frozen_features(forward: LazyForward, store: ImageStore, *, batch_size: int, desc: str) -> Any:
-        return cached_features(forward, store, cache=cache, batch_size=batch_size, desc=desc, workers=cfg.workers)
+        return cached_features(forward, store, cache=cache, batch_size=batch_size, desc=desc, workers=cfg.workers,
+                               shard=True)
 
     head_store = stores["train"]
     if finetune and len(head_store) > cfg.head_fit_images:
@@ -408,7 +434,7 @@ def _predict_splits(
     for split in ("val", "test"):
         if split in stores:
             _, _, probs, labels = evaluate_store(
-                model, stores[split], batch_size=cfg.batch_size, device=device, precision=cfg.precision
+                model, stores[split], batch_size=cfg.batch_size, device=device, precision=cfg.precision, shard=True
             )
             predictions[split] = (probs, labels)
     return predictions
