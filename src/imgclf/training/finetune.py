@@ -14,6 +14,7 @@ resumed run continues at the exact batch, with the same augmentation draws, as o
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -31,6 +32,7 @@ from imgclf.model import ImageClassifier
 from imgclf.progress import log, progress
 from imgclf.runtime import FrozenForward, autocast
 from imgclf.training.balance import balanced_class_weights
+from imgclf.training.gpu import configure_cuda, place_store, run_with_batch_fallback, training_forward
 from imgclf.training.probe import run_frozen
 
 
@@ -182,10 +184,12 @@ def train_one_epoch(
     on_step: Callable[[], None] | None = None,
     stop_at: float | None = None,
     clock: Callable[[], float] = time.perf_counter,
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Train on one epoch's batches, from `state.step` on; `on_step` runs after every batch.
 
-    With `stop_at` (a `clock()` value) the epoch ends early once that passes.
+    With `stop_at` (a `clock()` value) the epoch ends early once that passes. `forward` (default:
+    `model`) computes the logits, e.g. a `torch.compile`d `model` sharing its parameters.
     """
     model.set_backbone_trainable(True, freeze_bn=cfg.freeze_bn)
     state = state if state is not None else LoopState(epoch=epoch)
@@ -205,7 +209,7 @@ def train_one_epoch(
         x = normalize(images, store.prep).to(device, non_blocking=True)
         y = store.labels[torch.from_numpy(indices)].to(device, non_blocking=True)
         with autocast(device, dtype):
-            logits = model(x)
+            logits = model(x) if forward is None else forward(x)
             loss = criterion(logits.float(), y)
         if not torch.isfinite(loss):
             bar.close()
@@ -276,6 +280,11 @@ def fit(
     # resumed run uses the same kernels, and so the same float rounding, as an uninterrupted one.
     model.to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]
     model.set_backbone_trainable(True, freeze_bn=cfg.freeze_bn)
+    configure_cuda(device, deterministic=cfg.deterministic)
+    # On CUDA the uint8 images move to the GPU once when they fit (else per batch, pinned); no-op on a CPU.
+    train_store = place_store(train_store, device, name="train")
+    val_store = place_store(val_store, device, name="val")
+    forward = training_forward(model, compile_model=cfg.compile)
     optimizer = torch.optim.AdamW(param_groups(model, cfg))
     steps_per_epoch = math.ceil(len(train_store) / cfg.batch_size)
     hard_deadline = deadline is not None and cfg.time_budget_minutes is not None
@@ -319,18 +328,31 @@ def fit(
         if checkpointer is not None and checkpointer.due():
             checkpointer.save_fit(model, optimizer, scheduler, state, result)
 
+    def run_epoch(batch_size: int) -> dict[str, Any]:
+        """Train `state.epoch` at `batch_size`; called again at half the size after running out of GPU memory."""
+        nonlocal cfg, steps_per_epoch
+        if batch_size != cfg.batch_size:  # after an out-of-memory error: the epoch starts again at the new size
+            cfg = dataclasses.replace(cfg, batch_size=batch_size)
+            steps_per_epoch = math.ceil(len(train_store) / batch_size)
+            set_epochs(epochs)  # the same epochs, in more steps
+            scheduler.last_epoch = (state.epoch - 1) * steps_per_epoch - 1  # step() moves it to this epoch's start
+            scheduler.step()
+            state.start_lr = optimizer.param_groups[0]["lr"]
+            state.step, state.seen, state.correct, state.loss_sum, state.seconds = 0, 0, 0, 0.0, 0.0
+            state.augment_generator = None
+        return train_one_epoch(
+            model, train_store, optimizer, scheduler, criterion,
+            augment=augment, epoch=state.epoch, cfg=cfg, device=device, dtype=dtype, state=state, on_step=on_step,
+            stop_at=deadline if hard_deadline else None, clock=clock, forward=forward,
+        )
+
     while state.epoch <= epochs and not result.stopped_early:
         epoch = state.epoch
         if state.step == 0:
             state.start_lr = optimizer.param_groups[0]["lr"]
         record: dict[str, Any] = {"epoch": epoch, "lr": state.start_lr}
-        record.update(
-            train_one_epoch(
-                model, train_store, optimizer, scheduler, criterion,
-                augment=augment, epoch=epoch, cfg=cfg, device=device, dtype=dtype, state=state, on_step=on_step,
-                stop_at=deadline if hard_deadline else None, clock=clock,
-            )
-        )
+        trained, _ = run_with_batch_fallback(run_epoch, cfg.batch_size)
+        record.update(trained, batch_size=cfg.batch_size)
         val_loss, val_acc, _, _ = evaluate_store(
             model, val_store, batch_size=cfg.batch_size, device=device, precision=cfg.precision
         )
