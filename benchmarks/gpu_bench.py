@@ -14,6 +14,10 @@ Run through `benchmarks/gpu.sh` (which says how to pack and carry the inputs). E
   MEASURED: no GPU was available when this was written.
 - `lite0`: the default backbone at 224 px under a 1.5-minute budget (at most 4 epochs), for comparison.
 
+Peak GPU memory is `torch.cuda.max_memory_allocated()` over the whole `train` call, so it includes
+the decoded uint8 images when they were copied to the GPU (45,000 train + 5,000 val at 224 px:
+7.0 GiB; the log says which placement was chosen).
+
 A row is skipped when it could not finish within the script's 8-minute limit (`TOTAL_SECONDS`).
 `GPU_SMOKE=1` runs both rows on a tiny subset (8 train / 4 test images per class, 64 px, 1 epoch,
 no budget) to check the plumbing on any machine, a CPU included.
