@@ -31,5 +31,6 @@ if [ ! -f "$inputs/cifar10-jpeg.npz" ]; then
 fi
 export PYTHONPATH="$root/src${PYTHONPATH:+:$PYTHONPATH}"
 export IMGCLF_OFFLINE=1 IMGCLF_PROGRESS=0  # no hub probes; no progress bars in the log
+python="${PYTHON:-$(command -v python || command -v python3)}"
 # shellcheck disable=SC2086
-exec timeout --signal=INT 480 "${PYTHON:-python}" "$root/benchmarks/gpu_bench.py" "$inputs" --rows ${GPU_ROWS:-lite2 lite0}
+exec timeout --signal=INT 480 "$python" "$root/benchmarks/gpu_bench.py" "$inputs" --rows ${GPU_ROWS:-lite2 lite0}
