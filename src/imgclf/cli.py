@@ -54,6 +54,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--deterministic", action="store_true", default=None,
                    help="bit-identical results for the same seed (deterministic kernels, fixed threads)")
     p.add_argument("--tensorboard", action="store_true", default=None, help="also write TensorBoard logs")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the network for fine-tuning (costs minutes to compile; for long GPU runs)")
     p.add_argument("--time-budget", "--time-budget-minutes", dest="time_budget_minutes", type=float, metavar="MINUTES",
                    help="finish the whole run within MINUTES (wall clock): picks recipe, input size and epochs")
     p.add_argument("--no-feature-cache", dest="feature_cache", action="store_false", default=None,
@@ -76,7 +78,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             "weights", "random_init", "val_fraction", "lr", "augment", "flip", "patience",
             "precision", "device", "workers", "max_bad_fraction", "balance", "max_minutes",
             "resume", "checkpoint_minutes", "deterministic", "tensorboard", "time_budget_minutes", "feature_cache",
-            "test_time_size_search",
+            "test_time_size_search", "compile",
         )
     }
     cfg = resolve_config(file_values, **flags)

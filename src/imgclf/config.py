@@ -80,6 +80,9 @@ class TrainConfig:
     precision: Precision = "auto"  # auto = bf16 where the CPU/GPU runs it natively
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     workers: int = 0  # decode threads; 0 = one per core
+    # torch.compile the network for fine-tuning steps. Off by default: compiling costs about a
+    # minute on a GPU and several minutes on a 2-core CPU, which only long runs win back.
+    compile: bool = False
     memory_fraction: float = 0.4  # decoded images stay in RAM while they fit in this share of it
 
     # run safety (training/checkpoint.py): a checkpoint after the head fit, every epoch, and

@@ -132,6 +132,10 @@ class ImageStore:
     def __len__(self) -> int:
         return len(self.images)
 
+    def in_memory_tensor(self) -> torch.Tensor | None:
+        """All decoded images as one uint8 N x 3 x S x S tensor, or None when they are streamed."""
+        return self._tensor
+
     def _decode(self, images: ImageSet, index: int) -> torch.Tensor | UnreadableImageError:
         try:
             img = images.load(index, draft_size=self.prep.image_size)
@@ -207,7 +211,11 @@ class Augmentation:
         return cls(flip=flip)
 
     def __call__(self, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Augment a uint8 or float N x 3 x S x S batch; returns float 0..255 of the same size."""
+        """Augment a uint8 or float N x 3 x S x S batch; returns float 0..255 of the same size.
+
+        The random draws come from `generator` on the CPU whatever the batch's device, so a batch
+        gets the same crops and flips on a GPU as on a CPU; only the crop boxes are copied over.
+        """
         from torchvision.ops import roi_align
 
         n, _, height, width = batch.shape
@@ -221,8 +229,9 @@ class Augmentation:
         x0 = torch.rand(n, generator=generator) * (width - crop_w)
         y0 = torch.rand(n, generator=generator) * (height - crop_h)
         boxes = torch.stack([torch.arange(n, dtype=torch.float32), x0, y0, x0 + crop_w, y0 + crop_h], 1)
+        boxes = boxes.to(batch.device)
         out = roi_align(batch.float(), boxes, output_size=(height, width), sampling_ratio=2, aligned=True)
         if self.flip:
-            flip = torch.rand(n, generator=generator) < 0.5
+            flip = (torch.rand(n, generator=generator) < 0.5).to(batch.device)
             out = torch.where(flip.view(n, 1, 1, 1), out.flip(3), out)
         return out

@@ -263,6 +263,8 @@ def measure_rates(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # CUDA runs asynchronously: wait, or only launches are timed
             if step >= WARMUP_STEPS:
                 seconds += clock() - start
         train[size] = MEASURE_STEPS * batch_size / max(seconds, 1e-9)

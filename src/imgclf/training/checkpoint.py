@@ -48,7 +48,7 @@ TRASH_PREFIX = ".trash-"
 # Options that may differ between a run and its resumption: they change where and how fast it
 # runs, not what it computes.
 RESUMABLE_CHANGES = frozenset(
-    {"out", "device", "workers", "memory_fraction", "resume", "tensorboard", "checkpoint_minutes"}
+    {"out", "device", "workers", "memory_fraction", "resume", "tensorboard", "checkpoint_minutes", "compile"}
 )
 # Test hook: seconds to sleep in the middle of every checkpoint write, so a test can kill it there.
 PAUSE_ENV = "IMGCLF_TEST_CHECKPOINT_PAUSE"

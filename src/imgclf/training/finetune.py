@@ -14,6 +14,7 @@ resumed run continues at the exact batch, with the same augmentation draws, as o
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -32,6 +33,7 @@ from imgclf.model import ImageClassifier
 from imgclf.progress import log, progress
 from imgclf.runtime import FrozenForward, autocast
 from imgclf.training.balance import balanced_class_weights
+from imgclf.training.gpu import configure_cuda, place_store, run_with_batch_fallback, training_forward
 from imgclf.training.probe import run_frozen
 
 
@@ -194,14 +196,15 @@ def train_one_epoch(
     on_step: Callable[[], None] | None = None,
     stop_at: float | None = None,
     clock: Callable[[], float] = time.perf_counter,
-    net: nn.Module | None = None,
+    net: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Train on one epoch's batches, from `state.step` on; `on_step` runs after every batch.
 
-    With `stop_at` (a `clock()` value) the epoch ends early once that passes. `net` runs the
-    forward pass: `model`, or under torchrun a DistributedDataParallel wrapping it, in which case
-    each rank trains on its slice of every global batch (see imgclf.distributed; `criterion`
-    must then sum, `reduction="sum"`, and the loss is divided by the global batch's normaliser).
+    With `stop_at` (a `clock()` value) the epoch ends early once that passes. `net` computes the
+    logits: `model`, a `torch.compile`d `model` sharing its parameters, or under torchrun a
+    DistributedDataParallel wrapping it (maybe compiled), in which case each rank trains on its
+    slice of every global batch (see imgclf.distributed; `criterion` must then sum,
+    `reduction="sum"`, and the loss is divided by the global batch's normaliser).
     """
     model.set_backbone_trainable(True, freeze_bn=cfg.freeze_bn)
     net = net if net is not None else model
@@ -307,6 +310,10 @@ def fit(
     # resumed run uses the same kernels, and so the same float rounding, as an uninterrupted one.
     model.to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]
     model.set_backbone_trainable(True, freeze_bn=cfg.freeze_bn)
+    configure_cuda(device, deterministic=cfg.deterministic)
+    # On CUDA the uint8 images move to the GPU once when they fit (else per batch, pinned); no-op on a CPU.
+    train_store = place_store(train_store, device, name="train")
+    val_store = place_store(val_store, device, name="val")
     optimizer = torch.optim.AdamW(param_groups(model, cfg))
     steps_per_epoch = math.ceil(len(train_store) / cfg.batch_size)
     hard_deadline = deadline is not None and cfg.time_budget_minutes is not None
@@ -333,7 +340,8 @@ def fit(
     if checkpointer is not None:
         checkpointer.restore_fit(model, optimizer, scheduler, state, result)
     # Frozen BatchNorm statistics are the same on every rank: no need to broadcast them each step.
-    net = distributed.wrap(model, device, broadcast_buffers=not cfg.freeze_bn)
+    net = training_forward(distributed.wrap(model, device, broadcast_buffers=not cfg.freeze_bn),
+                           compile_model=cfg.compile)
 
     def on_step() -> None:
         nonlocal replan_clock
@@ -354,18 +362,31 @@ def fit(
         if checkpointer is not None and checkpointer.due():
             checkpointer.save_fit(model, optimizer, scheduler, state, result)
 
+    def run_epoch(batch_size: int) -> dict[str, Any]:
+        """Train `state.epoch` at `batch_size`; called again at half the size after running out of GPU memory."""
+        nonlocal cfg, steps_per_epoch
+        if batch_size != cfg.batch_size:  # after an out-of-memory error: the epoch starts again at the new size
+            cfg = dataclasses.replace(cfg, batch_size=batch_size)
+            steps_per_epoch = math.ceil(len(train_store) / batch_size)
+            set_epochs(epochs)  # the same epochs, in more steps
+            scheduler.last_epoch = (state.epoch - 1) * steps_per_epoch - 1  # step() moves it to this epoch's start
+            scheduler.step()
+            state.start_lr = optimizer.param_groups[0]["lr"]
+            state.step, state.seen, state.correct, state.loss_sum, state.seconds = 0, 0, 0, 0.0, 0.0
+            state.augment_generator = None
+        return train_one_epoch(
+            model, train_store, optimizer, scheduler, criterion,
+            augment=augment, epoch=state.epoch, cfg=cfg, device=device, dtype=dtype, state=state, on_step=on_step,
+            stop_at=deadline if hard_deadline else None, clock=clock, net=net,
+        )
+
     while state.epoch <= epochs and not result.stopped_early:
         epoch = state.epoch
         if state.step == 0:
             state.start_lr = optimizer.param_groups[0]["lr"]
         record: dict[str, Any] = {"epoch": epoch, "lr": state.start_lr}
-        record.update(
-            train_one_epoch(
-                model, train_store, optimizer, scheduler, criterion,
-                augment=augment, epoch=epoch, cfg=cfg, device=device, dtype=dtype, state=state, on_step=on_step,
-                stop_at=deadline if hard_deadline else None, clock=clock, net=net,
-            )
-        )
+        trained, _ = run_with_batch_fallback(run_epoch, cfg.batch_size)
+        record.update(trained, batch_size=cfg.batch_size)
         val_loss, val_acc, _, _ = evaluate_store(
             model, val_store, batch_size=cfg.batch_size, device=device, precision=cfg.precision, shard=True
         )

@@ -235,8 +235,12 @@ def _train(cfg: TrainConfig, out: Path) -> Model:
     checkpointer.finish()
     (out / "history.json").write_text(json.dumps(fitted.history, indent=2), encoding="utf-8")
     for split, values in metrics.items():
-        plot_confusion(values["confusion_matrix"], dataset.classes, out / f"confusion_{split}.png",
-                       f"{split}: accuracy {values['accuracy']:.3f}")
+        try:
+            plot_confusion(values["confusion_matrix"], dataset.classes, out / f"confusion_{split}.png",
+                           f"{split}: accuracy {values['accuracy']:.3f}")
+        except ImportError:  # a bare GPU machine may lack matplotlib: the bundle and metrics are saved
+            log("warning: matplotlib is not installed; no confusion-matrix plots (pip install matplotlib)")
+            break
     if skipped:
         (out / "skipped_files.txt").write_text(
             # surrogateescape: a file name that is not valid UTF-8 is written back as its own bytes
