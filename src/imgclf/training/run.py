@@ -415,7 +415,9 @@ def _seed_closing_seconds(
     """
     from imgclf.training.budget import FIXED_SECONDS
 
+    start = time.perf_counter()
     forward = FrozenForward(model, image_size=stores["val"].prep.image_size, device=device, precision=cfg.precision)
+    convert = time.perf_counter() - start
     batches = stores["val"].batches(np.arange(min(len(stores["val"]), 3 * cfg.batch_size)), cfg.batch_size)
     timed, seconds = 0, 0.0
     for index, (indices, batch) in enumerate(batches):
@@ -425,7 +427,7 @@ def _seed_closing_seconds(
             timed, seconds = timed + len(indices), seconds + time.perf_counter() - start
     rate = timed / seconds if seconds > 0 else 1000.0
     images = 3 * len(stores["val"]) + 2 * len(stores.get("test", ()))
-    closing = images / rate + 3 * 5.0 + FIXED_SECONDS  # + building the frozen forwards
+    closing = images / rate + 3 * convert + FIXED_SECONDS  # + building the 3 frozen forwards
     log(f"time budget: {closing:.0f} s kept for scoring ({images} image passes at {rate:.0f} img/s)")
     return closing
 
