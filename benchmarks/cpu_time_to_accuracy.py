@@ -11,6 +11,10 @@ BENCHMARKS.md with the command, machine and date.
 Usage:
     python benchmarks/cpu_time_to_accuracy.py                       # budgets 5, 15, 45 min
     python benchmarks/cpu_time_to_accuracy.py --budgets 15 --fastai
+    # fastai is not an imgclf dependency: give it its own environment and run the script with it
+    #   python3 -m venv ../fastai-venv && ../fastai-venv/bin/pip install torch==2.14.1 torchvision==0.29.1 \
+    #       fastai==2.8.12 -e .
+    #   ../fastai-venv/bin/python benchmarks/cpu_time_to_accuracy.py --per-class 1000 --budgets 7 --fastai
     python benchmarks/cpu_time_to_accuracy.py --per-class 10 --budgets 1   # a smoke run (~1-2 min)
 """
 
