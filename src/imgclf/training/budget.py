@@ -51,8 +51,8 @@ if TYPE_CHECKING:
 
 CANDIDATE_SIZES = (96, 128, 160, 192, 224)  # px; below 96 lite0/ResNet feature maps are 3x3 or smaller
 MIN_GOOD_EPOCHS = 3  # a larger input is worth it only while it leaves this many epochs
-MIN_FIT_EPOCHS = 0.5  # fine-tune when half an epoch fits: lite0, CIFAR-10, 96 px: 0.838 val after 1 epoch vs
-# 0.755 for the probe it starts from (benchmarks/cifar10.py logs, 2026-11-27)
+MIN_FIT_EPOCHS = 0.5  # fine-tune when half an epoch fits: lite0, CIFAR-10, 96 px, 0.63 of an epoch under a
+# 15-min budget scored 0.865 val against 0.755 for the probe head it starts from (BENCHMARKS.md, 2026-11-27)
 PLAN_FRACTION = 0.95  # plan for 95% of the budget: the guard absorbs the rest (limit: +10%)
 FIXED_SECONDS = 10.0  # bundle save, plots and report HTML, measured ~3-8 s on 2 cores
 MAX_EPOCHS = 20  # without --epochs; early stopping (patience) usually ends the run sooner
