@@ -20,7 +20,7 @@ from PIL import Image
 
 from imgclf.data.pipeline import ImageStore, Preprocessing, image_to_tensor, normalize
 from imgclf.data.sources import ImageSet
-from imgclf.errors import BundleError
+from imgclf.errors import BundleError, check_format
 from imgclf.model import ImageClassifier, build_head, non_finite_tensors
 from imgclf.runtime import FrozenForward
 
@@ -245,13 +245,8 @@ def read_bundle_json(folder: Path) -> dict[str, Any]:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"{str(path)!r} is not valid JSON: {exc}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise BundleError(f"{str(path)!r} is not an imgclf bundle description (format != {FORMAT!r})")
-    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
-        raise BundleError(
-            f"bundle format {meta.get('format_version')} is newer than this imgclf understands ({FORMAT_VERSION})",
-            fix="upgrade imgclf",
-        )
+    check_format(meta, source=str(path), kind="bundle description", format=FORMAT, version=FORMAT_VERSION,
+                 error=BundleError)
     return meta
 
 

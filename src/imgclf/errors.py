@@ -46,3 +46,23 @@ class BundleError(ImgclfError):
 
 class ConfigError(ImgclfError):
     """A configuration value or file is invalid."""
+
+
+def check_format(
+    values: object, *, source: str, kind: str, format: str, version: int, error: type[ImgclfError]
+) -> None:
+    """Raise `error` unless `values` (a parsed JSON description read from `source`) declares
+    `format` at a `format_version` this imgclf reads (at most `version`).
+
+    Example:
+        >>> check_format({"format": "imgclf-bundle", "format_version": 1}, source="m/imgclf.json",
+        ...              kind="bundle", format="imgclf-bundle", version=1, error=ImgclfError)
+    """
+    if not isinstance(values, dict) or values.get("format") != format:
+        raise error(f"{source!r} is not an imgclf {kind} (format != {format!r})")
+    if int(values.get("format_version", 0)) > version:
+        raise error(
+            f"{kind} format {values.get('format_version')} is newer than this imgclf reads ({version})",
+            fix="upgrade imgclf",
+        )
+

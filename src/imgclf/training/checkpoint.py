@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from imgclf.config import TrainConfig
-from imgclf.errors import ConfigError, ImgclfError
+from imgclf.errors import ConfigError, ImgclfError, check_format
 from imgclf.model import ImageClassifier, non_finite_tensors
 from imgclf.progress import log
 from imgclf.training.finetune import FitResult, LoopState, NonFiniteLossError
@@ -174,13 +174,8 @@ def read_checkpoint(folder: str | Path) -> Checkpoint:
             f"checkpoint {str(folder)!r} cannot be read: {type(exc).__name__}: {str(exc)[:300]}",
             fix="resume from an older checkpoint (delete this folder) or start the run again",
         ) from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{str(folder / STATE_FILE)!r} is not an imgclf checkpoint (format != {FORMAT!r})")
-    if int(state.get("format_version", 0)) > FORMAT_VERSION:
-        raise CheckpointError(
-            f"checkpoint format {state.get('format_version')} is newer than this imgclf reads ({FORMAT_VERSION})",
-            fix="upgrade imgclf",
-        )
+    check_format(state, source=str(folder / STATE_FILE), kind="checkpoint", format=FORMAT, version=FORMAT_VERSION,
+                 error=CheckpointError)
     bad = non_finite_tensors(tensors)
     if bad:
         raise CheckpointError(f"checkpoint {str(folder)!r} has NaN or inf values in {', '.join(bad[:5])}")
