@@ -59,7 +59,7 @@ def worker(args: argparse.Namespace) -> None:
         forward(torch.zeros(args.batch_size, 3, prep.image_size, prep.image_size))  # warm-up
         distributed.agree(None)  # every process ready: start the clock together
         start = time.perf_counter()
-        features, labels = cached_features(forward, store, cache=None, batch_size=args.batch_size,
+        features, labels, _ = cached_features(forward, store, cache=None, batch_size=args.batch_size,
                                            desc="features", shard=True)
         seconds = distributed.agree(time.perf_counter() - start)  # rank 0 ends after its gather
         if distributed.is_main():

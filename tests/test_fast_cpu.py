@@ -63,11 +63,11 @@ def test_second_run_reads_features_without_running_the_backbone(tmp_path: Path) 
     cache = FeatureCache(tmp_path / "cache")
     counting = CountingForward()
     first = LazyForward(lambda: counting)
-    x1, y1 = cached_features(first, store, cache=cache, batch_size=8, desc="features")
+    x1, y1, _ = cached_features(first, store, cache=cache, batch_size=8, desc="features")
     assert counting.images == len(store) and first.built
     again = CountingForward()
     second = LazyForward(lambda: again)
-    x2, y2 = cached_features(second, store, cache=cache, batch_size=8, desc="features")
+    x2, y2, _ = cached_features(second, store, cache=cache, batch_size=8, desc="features")
     assert not second.built and again.images == 0  # never even built (no OpenVINO conversion)
     assert torch.equal(x1, x2) and torch.equal(y1, y2)
     assert torch.allclose(x1, CountingForward()(normalize(store.batch(np.arange(len(store)))[1], PREP)))
@@ -80,11 +80,11 @@ def test_a_partly_new_dataset_computes_only_the_new_images(tmp_path: Path) -> No
     make_image_folder(root, classes=3, per_class=10, seed=0)  # same 20 files again, plus a new class
     store = _store(root)
     counting = CountingForward()
-    x, y = cached_features(counting, store, cache=cache, batch_size=8, desc="f")
+    x, y, _ = cached_features(counting, store, cache=cache, batch_size=8, desc="f")
     new = int((store.labels == 2).sum())
     assert counting.images == new and 0 < new < len(store)
     # Cached and computed rows come back in store order, matching a run without the cache.
-    plain, plain_y = cached_features(CountingForward(), store, cache=None, batch_size=8, desc="f")
+    plain, plain_y, _ = cached_features(CountingForward(), store, cache=None, batch_size=8, desc="f")
     assert torch.allclose(x, plain) and torch.equal(y, plain_y)
 
 
@@ -124,11 +124,11 @@ def test_content_key_changes_with_the_image_bytes(tmp_path: Path) -> None:
 def test_a_corrupt_cache_file_is_ignored_and_rebuilt(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     store = _store(make_image_folder(tmp_path / "data", per_class=6))
     cache = FeatureCache(tmp_path / "cache")
-    expected, _ = cached_features(CountingForward(), store, cache=cache, batch_size=8, desc="f")
+    expected, _, _ = cached_features(CountingForward(), store, cache=cache, batch_size=8, desc="f")
     (shard,) = list((tmp_path / "cache").glob("*.safetensors"))
     shard.write_bytes(shard.read_bytes()[:100])  # truncated, as by a crash mid-write on another system
     counting = CountingForward()
-    x, _ = cached_features(counting, store, cache=cache, batch_size=8, desc="f")
+    x, _, _ = cached_features(counting, store, cache=cache, batch_size=8, desc="f")
     assert "ignoring unreadable feature cache file" in capsys.readouterr().err
     assert counting.images == len(store) and torch.allclose(x, expected)
     again = CountingForward()

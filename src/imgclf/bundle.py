@@ -169,7 +169,7 @@ class Model:
         """(probabilities N x C, labels N) for the readable images of a store."""
         from imgclf.training.probe import run_frozen
 
-        logits, labels = run_frozen(
+        logits, labels, _ = run_frozen(
             self.forward_function(runtime), store, batch_size=batch_size, desc=desc
         )
         if len(logits) == 0:

@@ -60,6 +60,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                    help="finish the whole run within MINUTES (wall clock): picks recipe, input size and epochs")
     p.add_argument("--no-feature-cache", dest="feature_cache", action="store_false", default=None,
                    help="do not read or write frozen features in $IMGCLF_CACHE/features")
+    p.add_argument("--no-scan-cache", dest="scan_cache", action="store_false", default=None,
+                   help="decode every file in the pre-flight check, even those unchanged since an earlier run")
     p.add_argument("--no-test-time-size-search", dest="test_time_size_search", action="store_false", default=None,
                    help="keep the training input size for the bundle instead of choosing it on val")
     p.set_defaults(handler=cmd_train)
@@ -78,7 +80,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             "weights", "random_init", "val_fraction", "lr", "augment", "flip", "patience",
             "precision", "device", "workers", "max_bad_fraction", "balance", "max_minutes",
             "resume", "checkpoint_minutes", "deterministic", "tensorboard", "time_budget_minutes", "feature_cache",
-            "test_time_size_search", "compile",
+            "scan_cache", "test_time_size_search", "compile",
         )
     }
     cfg = resolve_config(file_values, **flags)

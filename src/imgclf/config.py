@@ -70,6 +70,7 @@ class TrainConfig:
     # finetune with neither epochs nor a time limit gets DEFAULT_TIME_BUDGET_MINUTES.
     time_budget_minutes: float | None = None
     feature_cache: bool = True  # keep frozen features on disk ($IMGCLF_CACHE/features) for the next run
+    scan_cache: bool = True  # skip the pre-flight decode of files unchanged since a scan ($IMGCLF_CACHE/scans)
     # finetune with standard augmentation: score val at the training size and ~1.15x / 1.3x above
     # it, keep the best as the bundle's input size (training/eval_size.py; FixRes, Touvron 2019).
     test_time_size_search: bool = True

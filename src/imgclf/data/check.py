@@ -38,6 +38,7 @@ import numpy as np
 from PIL import Image
 
 from imgclf.data.decode import IMAGE_EXTENSIONS, UnreadableImageError, decode_image
+from imgclf.data.scan_cache import ScanCache, signature
 from imgclf.data.sources import (
     ACCEPTED,
     SPLIT_NAMES,
@@ -56,6 +57,7 @@ IMBALANCE_RATIO = 3.0  # largest / smallest class at or above this is reported a
 HASH_SIDE = 64  # px: JPEGs are decoded at reduced scale down to this for hashing (draft mode)
 _CHUNK = 1 << 20  # bytes read at a time for the content hash
 _MAX_LISTED = 20  # text report: at most this many entries per list (JSON has them all)
+DIGEST_BYTES = 16  # ImageSet.digests: a SHA-256 prefix, the feature cache's content key
 
 
 @dataclass(frozen=True)
@@ -216,17 +218,33 @@ def scan_file(entry: Entry) -> FileResult:
     return result
 
 
-def scan_files(entries: Sequence[Entry], *, workers: int = 0, desc: str = "check") -> list[FileResult]:
-    """`scan_file` over `entries` in threads (Pillow and hashlib release the GIL), in order."""
+def scan_files(
+    entries: Sequence[Entry], *, workers: int = 0, desc: str = "check", cache: ScanCache | None = None
+) -> list[FileResult]:
+    """`scan_file` over `entries` in threads (Pillow and hashlib release the GIL), in order.
+
+    With `cache`, files unchanged since a stored scan are not read again (see `data/scan_cache.py`),
+    and the usable files scanned now are stored. Unusable files are never stored: a file that
+    failed for a reason its bytes do not show (permissions, a flaky disk) is tried again next time.
+    """
     workers = workers if workers > 0 else max(1, os.cpu_count() or 1)
-    bar = progress(total=len(entries), desc=desc, unit="file")
-    results: list[FileResult] = []
+    signatures = [signature(e.path) for e in entries] if cache is not None else []
+    results: list[FileResult | None] = (
+        list(cache.lookup(entries, signatures)) if cache is not None else [None] * len(entries)
+    )
+    todo = [i for i, r in enumerate(results) if r is None]
+    bar = progress(total=len(todo), desc=desc, unit="file")
     with ThreadPoolExecutor(workers) as pool:
-        for result in pool.map(scan_file, entries):
-            results.append(result)
+        for i, result in zip(todo, pool.map(scan_file, [entries[i] for i in todo]), strict=True):
+            results[i] = result
             bar.update(1)
     bar.close()
-    return results
+    if cache is not None:
+        log(f"{desc}: {len(entries) - len(todo)} file(s) unchanged since their last scan, {len(todo)} scanned")
+        fresh = [i for i in todo if results[i].reason is None]  # type: ignore[union-attr]
+        if fresh:
+            cache.store([results[i] for i in fresh], [signatures[i] for i in fresh])  # type: ignore[misc]
+    return results  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------------------------
@@ -565,9 +583,10 @@ def report_for(
     empty_classes: Iterable[tuple[str, str]] = (),
     ignored: Iterable[tuple[str, str]] = (),
     warnings: Iterable[str] = (),
+    cache: ScanCache | None = None,
 ) -> CheckReport:
-    """Scan `entries` and build the report (duplicates included)."""
-    results = scan_files(entries, workers=workers)
+    """Scan `entries` (reusing `cache`, see `scan_files`) and build the report (duplicates included)."""
+    results = scan_files(entries, workers=workers, cache=cache)
     return CheckReport(
         data=data,
         source=source,
@@ -585,7 +604,7 @@ def report_for(
 
 
 def preflight(
-    dataset: Dataset, *, max_bad_fraction: float, workers: int = 0
+    dataset: Dataset, *, max_bad_fraction: float, workers: int = 0, use_cache: bool = True
 ) -> tuple[Dataset, list[dict[str, str]]]:
     """Scan the training data; drop unusable files, or stop when too many of them are bad.
 
@@ -596,6 +615,7 @@ def preflight(
         dataset: what `load_dataset` found.
         max_bad_fraction: stop when more than this share of all files is unusable.
         workers: decode threads; 0 = one per core.
+        use_cache: skip files unchanged since an earlier run's scan (`data/scan_cache.py`).
 
     Returns:
         The dataset without the unusable files, and those files as {"path", "reason"} dicts.
@@ -617,7 +637,8 @@ def preflight(
         for split, images in splits.items()
         for path, label in zip(images.paths, images.labels, strict=True)
     ]
-    report = report_for(entries, data=dataset.source, source=dataset.source, workers=workers)
+    cache = ScanCache.for_paths([e.path for e in entries]) if use_cache and entries else None
+    report = report_for(entries, data=dataset.source, source=dataset.source, workers=workers, cache=cache)
     bad = report.unusable
     skipped = [{"path": r.entry.path, "reason": str(r.reason)} for r in bad]
     if report.bad_fraction > max_bad_fraction:
@@ -632,6 +653,7 @@ def preflight(
             fix="run `imgclf check DATA` for the full list and repair or remove those files, "
                 "or raise --max-bad-fraction to train on the rest",
         )
+    dataset = _with_digests(dataset, report.results)
     leaks = report.to_dict()["leakage"]
     if leaks["exact_groups"] or leaks["near_groups"]:
         log(f"warning: {leaks['exact_groups']} exact and {leaks['near_groups']} near duplicate group(s) span "
@@ -651,6 +673,7 @@ def preflight(
         val=keep(dataset.val),
         test=keep(dataset.test) if dataset.test is not None else None,
     )
+    cleaned = _with_digests(cleaned, report.results)
     for split in ("train", "val"):
         if not len(getattr(cleaned, split)):
             raise DataError(f"no readable images are left in the {split} split after skipping unreadable files",
@@ -662,6 +685,23 @@ def preflight(
     if empty:
         log(f"warning: no readable training images left for class(es) {', '.join(empty)}")
     return cleaned, skipped
+
+
+def _with_digests(dataset: Dataset, results: Sequence[FileResult]) -> Dataset:
+    """The dataset with each split's `digests` taken from the scan's SHA-256s (see ImageSet)."""
+    by_path = {r.entry.path: bytes.fromhex(r.sha256)[:DIGEST_BYTES] for r in results if r.sha256}
+
+    def attach(images: ImageSet) -> ImageSet:
+        if any(p not in by_path for p in images.paths):
+            return images  # an unusable file, dropped later: no digests until the split is clean
+        raw = b"".join(by_path[p] for p in images.paths)
+        digests = np.frombuffer(raw, dtype=np.uint8).reshape(len(images), DIGEST_BYTES).copy()
+        return dataclasses.replace(images, digests=digests)
+
+    return dataclasses.replace(
+        dataset, train=attach(dataset.train), val=attach(dataset.val),
+        test=attach(dataset.test) if dataset.test is not None else None,
+    )
 
 
 def _reason_kind(reason: str) -> str:

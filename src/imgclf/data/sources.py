@@ -43,6 +43,9 @@ class ImageSet:
     paths: list[str]
     labels: np.ndarray  # int64, indices into the dataset's class list
     arrays: np.ndarray | None = None
+    # N x 16 uint8: the first 16 bytes of each file's SHA-256, when the pre-flight scan has them
+    # (the feature cache's content keys, so a run does not read every file again to hash it).
+    digests: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -53,6 +56,7 @@ class ImageSet:
             paths=[self.paths[i] for i in idx],
             labels=self.labels[idx],
             arrays=None if self.arrays is None else self.arrays[idx],
+            digests=None if self.digests is None else self.digests[idx],
         )
 
     def load(self, index: int, *, draft_size: int | None = None) -> Image.Image:

@@ -98,16 +98,17 @@ def write_report(
 
 def report_after_training(
     model: Model, dataset: Dataset, bundle_dir: Path, *, stores: dict[str, ImageStore],
-    batch_size: int, device: str,
+    predictions: dict[str, StorePredictions] | None = None, batch_size: int, device: str,
 ) -> Path | None:
-    """The report at the end of `train`, reusing its decoded images; a failure only logs a warning.
+    """The report at the end of `train`, reusing its decoded images and its predictions on val and
+    test (so the network does not run over them again); a failure only logs a warning.
 
     The bundle is already saved when this runs, so nothing a report does can lose a trained model.
     """
     try:
         path = build_report(
             model, dataset, bundle_dir=bundle_dir, data=str(model.meta.get("config", {}).get("data", "")),
-            stores=stores, batch_size=batch_size, device=device,
+            stores=stores, predictions=predictions, batch_size=batch_size, device=device,
         )
     except Exception as exc:  # the report is a bonus; the trained bundle must survive any bug in it
         log(f"warning: the evaluation report failed ({type(exc).__name__}: {exc}); "
@@ -126,11 +127,16 @@ def build_report(
     out: str | Path | None = None,
     tta: bool = False,
     stores: dict[str, ImageStore] | None = None,
+    predictions: dict[str, StorePredictions] | None = None,
     batch_size: int = 64,
     device: str = "auto",
     runtime: str = "auto",
 ) -> Path:
-    """Predict, fit the temperature, compute every number, draw every figure, write the files."""
+    """Predict, fit the temperature, compute every number, draw every figure, write the files.
+
+    `predictions` (the model's logits on val and test, positions in `stores`) replace the
+    prediction pass when they cover the splits the report needs and `tta` is off.
+    """
     started = time.perf_counter()
     folder = Path(out) if out is not None else bundle_dir / REPORT_FOLDER
     folder.mkdir(parents=True, exist_ok=True)
@@ -139,15 +145,19 @@ def build_report(
     for name, images in (("val", dataset.val), (split, dataset.test if split == "test" else dataset.val)):
         if name not in stores and images is not None:
             stores[name] = ImageStore(images, model.preprocessing, memory_budget=0, description=f"decode {name}")
-    forward = FrozenForward(model.module, image_size=model.preprocessing.image_size, device=pick_device(device),
-                            runtime=runtime)
-    try:
-        val = collect_predictions(forward, stores["val"], batch_size=batch_size, tta=tta and split == "val",
-                                  desc="report val")
-        scored = val if split == "val" else collect_predictions(
-            forward, stores[split], batch_size=batch_size, tta=tta, desc=f"report {split}")
-    finally:
-        model.module.cpu()  # Model's own forward path expects the module on the CPU
+    given = predictions or {}
+    if not tta and "val" in given and split in given:
+        val, scored = given["val"], given[split]
+    else:
+        forward = FrozenForward(model.module, image_size=model.preprocessing.image_size,
+                                device=pick_device(device), runtime=runtime)
+        try:
+            val = collect_predictions(forward, stores["val"], batch_size=batch_size, tta=tta and split == "val",
+                                      desc="report val")
+            scored = val if split == "val" else collect_predictions(
+                forward, stores[split], batch_size=batch_size, tta=tta, desc=f"report {split}")
+        finally:
+            model.module.cpu()  # Model's own forward path expects the module on the CPU
     fitted = fit_temperature(val.logits, val.labels)
     # At a search bound the NLL was still falling: validation (nearly) separable, T not identifiable.
     # Storing T = 0.05 would make every future prediction near-certain, so predict keeps T = 1.

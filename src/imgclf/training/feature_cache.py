@@ -5,8 +5,9 @@ Layout: `$IMGCLF_CACHE/features/<model key>/<shard>.safetensors` (default `~/.ca
 - The *model key* hashes everything that changes the numbers: the backbone's timm name, every
   weight and buffer of the frozen network (so two random inits, or a fine-tuned copy, never share
   features), the preprocessing (size, interpolation, mean, std) and the compute dtype.
-- Every image has a *content key*: a hash of its file's bytes, or of its array row for the
-  in-memory standard sets. Features are stored per image, so a dataset that partly overlaps an
+- Every image has a *content key*: the first 16 bytes of its file's SHA-256 (which the pre-flight
+  scan has already computed: `ImageSet.digests`), or a hash of its array row for the in-memory
+  standard sets. Features are stored per image, so a dataset that partly overlaps an
   earlier one (a new class added, a test split added) computes only the images it has not seen.
 - Each call that computes new features writes one shard holding `keys` (N x 16 uint8 digests) and
   `features` (N x D float32). The shards are their own index: no shared file is ever rewritten, so
@@ -20,9 +21,11 @@ about 300 MB for all 60,000 images).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -34,10 +37,10 @@ from imgclf import distributed
 from imgclf.data.pipeline import ImageStore, Preprocessing, default_workers, normalize
 from imgclf.data.sources import ImageSet
 from imgclf.progress import log, progress
-from imgclf.training.probe import run_frozen
+from imgclf.training.probe import ProbeResult, run_frozen
 
-FORMAT_VERSION = 1  # bump when the meaning of a stored feature changes
-DIGEST_BYTES = 16  # blake2b-128: collisions are out of reach for any image collection
+FORMAT_VERSION = 2  # bump when the meaning of a stored feature or key changes (2: SHA-256 content keys)
+DIGEST_BYTES = 16  # 128 bits: collisions are out of reach for any image collection
 SHARD_SUFFIX = ".safetensors"
 
 
@@ -79,24 +82,28 @@ def model_key(*, backbone_name: str, module: nn.Module, prep: Preprocessing, dty
 
 
 def content_keys(images: ImageSet, *, workers: int = 0) -> np.ndarray:
-    """N x 16 uint8 digests of each image's content: file bytes, or the array row.
+    """N x 16 uint8 digests of each image's content: the first 16 bytes of the file's SHA-256 (the
+    pre-flight scan's, when `images.digests` has them), or a hash of the array row.
 
     An unreadable file gets a digest of its error text, so it never matches a real image.
     """
+    if images.digests is not None:
+        return np.array(images.digests, dtype=np.uint8, copy=True)
+
     def one(i: int) -> bytes:
-        digest = hashlib.blake2b(digest_size=DIGEST_BYTES)
         if images.arrays is not None:
             row = np.ascontiguousarray(images.arrays[i])
-            digest.update(f"array{row.shape}{row.dtype};".encode())
+            digest = hashlib.blake2b(f"array{row.shape}{row.dtype};".encode(), digest_size=DIGEST_BYTES)
             digest.update(row.tobytes())
-        else:
-            try:
-                with open(images.paths[i], "rb") as file:
-                    while chunk := file.read(1 << 20):
-                        digest.update(chunk)
-            except OSError as exc:
-                digest.update(f"unreadable:{images.paths[i]}:{exc}".encode())
-        return digest.digest()
+            return digest.digest()
+        sha = hashlib.sha256()
+        try:
+            with open(images.paths[i], "rb") as file:
+                while chunk := file.read(1 << 20):
+                    sha.update(chunk)
+        except OSError as exc:
+            sha.update(f"unreadable:{images.paths[i]}:{exc}".encode())
+        return sha.digest()[:DIGEST_BYTES]
 
     with ThreadPoolExecutor(default_workers(workers)) as pool:  # hashlib releases the GIL on large reads
         digests = list(pool.map(one, range(len(images))))
@@ -221,8 +228,9 @@ def cached_features(
     desc: str,
     workers: int = 0,
     shard: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Like `run_frozen`: (features N x D, labels N) of the readable images of `store`, in order.
+) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """Like `run_frozen`: (features N x D, labels N, positions N in `store`) of the readable images
+    of `store`, in order.
 
     Images whose features are in `cache` are read from it; only the others go through `forward`,
     and their features are added to the cache. With `cache=None` this is `run_frozen`. With
@@ -230,7 +238,8 @@ def cached_features(
     gets all the features, and rank 0 alone adds the new ones to the cache.
 
     Example:
-        >>> x, y = cached_features(forward, store, cache=cache, batch_size=64, desc="features train")  # doctest: +SKIP
+        >>> x, y, at = cached_features(forward, store, cache=cache, batch_size=64,
+        ...                            desc="features train")  # doctest: +SKIP
     """
     if cache is None:
         return run_frozen(forward, store, batch_size=batch_size, desc=desc, shard=shard)  # type: ignore[arg-type]
@@ -241,6 +250,7 @@ def cached_features(
     missing = np.flatnonzero(~found)
     computed_positions: list[np.ndarray] = []
     computed: list[torch.Tensor] = []
+    started = time.perf_counter()
     if len(missing):
         bar = progress(total=len(missing), desc=desc)
         for indices, batch in store.batches(block[missing], batch_size):
@@ -262,7 +272,9 @@ def cached_features(
         if new_features is not None:
             cache.add(new_keys, new_features)
         hits, misses = int(found.sum()), len(new_positions)
-    log(f"{desc}: {hits} from the feature cache, {misses} computed")
+    seconds = time.perf_counter() - started  # decoding and the forward passes of the computed images
+    rate = f" in {seconds:.1f} s ({len(new_positions) / seconds:.0f} img/s)" if len(new_positions) else ""
+    log(f"{desc}: {hits} from the feature cache, {misses} computed{rate}")
     # Put cached and new rows back in store order; images that failed to decode are left out.
     positions = np.concatenate([block[np.flatnonzero(found)], new_positions]).astype(np.int64)
     parts = [t for t in (cached, new_features) if t is not None]
@@ -271,8 +283,70 @@ def cached_features(
     positions = positions[order]
     features, labels = features[torch.from_numpy(order)], store.labels[torch.from_numpy(positions)]
     if shard:
-        return distributed.gather_rows(features), distributed.gather_rows(labels)
-    return features, labels
+        return (distributed.gather_rows(features), distributed.gather_rows(labels),
+                distributed.gather_rows(torch.from_numpy(positions)).numpy())
+    return features, labels, positions
+
+
+def cached_probe(
+    fit: Callable[[], ProbeResult],
+    cache: FeatureCache | None,
+    *,
+    inputs: Sequence[torch.Tensor | None],
+    settings: dict[str, object],
+) -> tuple[ProbeResult, bool]:
+    """`fit()`, or the head it gave before on the same `inputs` (tensors) and `settings`.
+
+    The probe's fit is a deterministic function of its features, labels and settings, and on a
+    large set it is most of a run served from the feature cache (CIFAR-10: ~45 s of ~65 s), so
+    its result is kept next to the features: `<model key>/heads/<hash of inputs and settings>`.
+    Returns (result, whether it came from the cache).
+
+    Example:
+        >>> result, hit = cached_probe(lambda: fit_probe(x, y, vx, vy, 10, grid), cache,
+        ...                            inputs=[x, y, vx, vy], settings={"grid": grid})  # doctest: +SKIP
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    if cache is None:
+        return fit(), False
+    digest = hashlib.blake2b(f"head v{FORMAT_VERSION};{sorted(settings.items())!r}".encode(), digest_size=16)
+    for tensor in inputs:
+        if tensor is None:
+            digest.update(b"none;")
+            continue
+        flat = tensor.detach().cpu().contiguous()
+        digest.update(f"{tuple(flat.shape)}{flat.dtype};".encode())
+        digest.update(flat.reshape(-1).view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+    file = cache.folder / "heads" / f"{digest.hexdigest()}{SHARD_SUFFIX}"
+    if file.is_file():
+        try:
+            with safe_open(str(file), framework="pt") as stored:
+                meta = stored.metadata()
+                weight, bias = stored.get_tensor("weight"), stored.get_tensor("bias")
+            head = nn.Linear(weight.shape[1], weight.shape[0])
+            with torch.no_grad():
+                head.weight.copy_(weight)
+                head.bias.copy_(bias)
+            scores = {float(k): float(v) for k, v in json.loads(meta["scores"]).items()}
+            return ProbeResult(head, float(meta["l2"]), float(meta["val_accuracy"]), scores), True
+        except Exception as exc:  # truncated or foreign: fit again, and replace it
+            log(f"warning: ignoring unreadable cached probe head {file} ({type(exc).__name__}: {exc})")
+    result = fit()
+    if distributed.is_main():
+        meta = {"l2": repr(result.l2), "val_accuracy": repr(result.val_accuracy),
+                "scores": json.dumps({repr(k): v for k, v in result.scores.items()})}
+        partial = file.with_name(f".{uuid.uuid4().hex}.partial")
+        try:
+            file.parent.mkdir(parents=True, exist_ok=True)
+            save_file({"weight": result.head.weight.detach().contiguous(),
+                       "bias": result.head.bias.detach().contiguous()}, str(partial), metadata=meta)
+            os.replace(partial, file)
+        except OSError as exc:
+            partial.unlink(missing_ok=True)
+            log(f"warning: could not write the probe head to the cache ({exc})")
+    return result, False
 
 
 def cache_for(

@@ -167,7 +167,7 @@ def evaluate_store(
     With `shard` under torchrun, each rank scores its block of the images and all get every number.
     """
     forward = FrozenForward(model, image_size=store.prep.image_size, device=device, precision=precision)
-    all_logits, labels = run_frozen(forward, store, batch_size=batch_size, desc="validate", shard=shard)
+    all_logits, labels, _ = run_frozen(forward, store, batch_size=batch_size, desc="validate", shard=shard)
     loss = float(nn.functional.cross_entropy(all_logits, labels))
     acc = float((all_logits.argmax(1) == labels).float().mean())
     return loss, acc, torch.softmax(all_logits, 1).numpy(), labels.numpy()

@@ -16,26 +16,29 @@ from imgclf.runtime import FrozenForward
 
 def run_frozen(
     forward: FrozenForward, store: ImageStore, *, batch_size: int, desc: str, shard: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     """Run a frozen network over every readable image of `store`.
 
-    Returns (outputs N x D float32, labels N); unreadable images are left out (see store.failed).
-    With `shard` under torchrun, each rank runs its block of the images and every rank gets all the
-    outputs, gathered in order (a collective: every rank must call it).
+    Returns (outputs N x D float32, labels N, positions N): `positions` are the images' places in
+    `store` (unreadable images are left out, see store.failed). With `shard` under torchrun, each
+    rank runs its block of the images and every rank gets all the outputs, gathered in order (a
+    collective: every rank must call it).
     """
-    outputs, labels = [], []
+    outputs, labels, where = [], [], []
     positions = distributed.shard_range(len(store)) if shard else np.arange(len(store))
     bar = progress(total=len(positions), desc=desc)
     for indices, batch in store.batches(positions, batch_size):
         outputs.append(forward(normalize(batch, store.prep)))
         labels.append(store.labels[torch.from_numpy(indices)])
+        where.append(torch.from_numpy(np.asarray(indices, dtype=np.int64)))
         bar.update(len(indices))
     bar.close()
-    local = ((torch.cat(outputs), torch.cat(labels)) if outputs
-             else (torch.zeros(0, 0), torch.zeros(0, dtype=torch.int64)))
+    local = ((torch.cat(outputs), torch.cat(labels), torch.cat(where)) if outputs
+             else (torch.zeros(0, 0), torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)))
     if shard:
-        return distributed.gather_rows(local[0]), distributed.gather_rows(local[1])
-    return local
+        local = (distributed.gather_rows(local[0]), distributed.gather_rows(local[1]),
+                 distributed.gather_rows(local[2]))
+    return local[0], local[1], local[2].numpy()
 
 
 @dataclass
@@ -44,6 +47,67 @@ class ProbeResult:
     l2: float  # the chosen L2 strength
     val_accuracy: float
     scores: dict[float, float]  # val accuracy of every L2 strength tried
+
+
+# Along the path from strong to weak penalties, stop once a weaker one scores this much below the
+# best so far: over-fitting has set in, and weaker penalties also take the most L-BFGS steps to fit.
+# Measured on CIFAR-10 features (lite0, 160 px, 45,000 images): the 7-value path took 68 s, of which
+# the two weakest (1e-3: 0.796, 1e-4: 0.785, best 1e-2: 0.807) took 35 s.
+PATH_STOP_DROP = 0.01
+
+
+@dataclass
+class _Standardized:
+    """Features scaled to zero mean and unit variance per dimension, for conditioning."""
+
+    z: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    @classmethod
+    def of(cls, features: torch.Tensor) -> _Standardized:
+        x = features.float()
+        mean = x.mean(0)
+        std = x.std(0).clamp_min(1e-6) if len(x) > 1 else torch.ones(x.shape[1])
+        return cls((x - mean) / std, mean, std)
+
+    def fold(self, weight: torch.Tensor, bias: torch.Tensor) -> nn.Linear:
+        """The layer that applies `weight`, `bias` (fitted on z) to raw features."""
+        layer = nn.Linear(len(self.mean), len(bias))
+        with torch.no_grad():
+            folded = weight / self.std
+            layer.weight.copy_(folded)
+            layer.bias.copy_(bias - folded @ self.mean)
+        return layer
+
+    def unfold(self, layer: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+        """`fold`'s inverse: W_z = W * std, b_z = b + W @ mean."""
+        weight = layer.weight.detach()
+        return weight * self.std, layer.bias.detach() + weight @ self.mean
+
+
+def _lbfgs(
+    z: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *, l2: float, max_iter: int,
+    class_weight: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Minimise mean cross-entropy + l2/2 |W|^2 on standardised features from (weight, bias)."""
+    weight = weight.clone().requires_grad_(True)
+    bias = bias.clone().requires_grad_(True)
+    optimizer = torch.optim.LBFGS(
+        [weight, bias], lr=1.0, max_iter=max_iter, history_size=20,
+        tolerance_change=1e-7, line_search_fn="strong_wolfe",
+    )
+    per_class = None if class_weight is None else class_weight.float()
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(torch.addmm(bias, z, weight.T), y, weight=per_class)
+        loss = loss + 0.5 * l2 * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return weight.detach(), bias.detach()
 
 
 def fit_logistic(
@@ -62,39 +126,19 @@ def fit_logistic(
     layer, so it applies to raw features. `init` (a layer from this function) warm-starts the fit.
     `class_weight` (C values) weights each image's cross-entropy by its class, e.g.
     `balanced_class_weights` for skewed classes.
+
+    Example:
+        >>> head = fit_logistic(torch.randn(100, 8), torch.randint(0, 3, (100,)), 3, l2=1e-3)
+        >>> tuple(head.weight.shape)
+        (3, 8)
     """
-    x = features.float()
-    mean = x.mean(0)
-    std = x.std(0).clamp_min(1e-6)
-    z = (x - mean) / std
-    y = labels.long()
-    weight_per_class = None if class_weight is None else class_weight.float()
-    weight = torch.zeros(num_classes, x.shape[1])
-    bias = torch.zeros(num_classes)
-    if init is not None:  # undo the folding: W_z = W * std, b_z = b + W @ mean
-        weight = init.weight.detach() * std
-        bias = init.bias.detach() + init.weight.detach() @ mean
-    weight.requires_grad_(True)
-    bias.requires_grad_(True)
-    optimizer = torch.optim.LBFGS(
-        [weight, bias], lr=1.0, max_iter=max_iter, history_size=20,
-        tolerance_change=1e-7, line_search_fn="strong_wolfe",
-    )
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = nn.functional.cross_entropy(z @ weight.T + bias, y, weight=weight_per_class)
-        loss = loss + 0.5 * l2 * weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    layer = nn.Linear(x.shape[1], num_classes)
-    with torch.no_grad():
-        folded = weight / std
-        layer.weight.copy_(folded)
-        layer.bias.copy_(bias - folded @ mean)
-    return layer
+    scaled = _Standardized.of(features)
+    if init is not None:
+        weight, bias = scaled.unfold(init)
+    else:
+        weight, bias = torch.zeros(num_classes, features.shape[1]), torch.zeros(num_classes)
+    weight, bias = _lbfgs(scaled.z, labels.long(), weight, bias, l2=l2, max_iter=max_iter, class_weight=class_weight)
+    return scaled.fold(weight, bias)
 
 
 def fit_probe(
@@ -109,15 +153,27 @@ def fit_probe(
 ) -> ProbeResult:
     """Fit one head per L2 strength and keep the one with the best validation accuracy.
 
-    Strengths are tried from strongest to weakest, each fit warm-started from the previous one.
-    Ties go to the stronger penalty (the simpler model). With `class_weight` (balanced training)
-    the loss is class-weighted and the L2 strength is chosen by balanced accuracy instead.
+    Strengths are tried from strongest to weakest, each fit warm-started from the previous one, on
+    features standardised once. The path stops early once a strength scores `PATH_STOP_DROP` below
+    the best. Ties go to the stronger penalty (the simpler model). With `class_weight` (balanced
+    training) the loss is class-weighted and the L2 strength is chosen by balanced accuracy instead.
+
+    Example:
+        >>> x, y = torch.randn(200, 8), torch.randint(0, 3, (200,))
+        >>> result = fit_probe(x[:150], y[:150], x[150:], y[150:], 3, [1e-2, 1e-1])
+        >>> sorted(result.scores) == [1e-2, 1e-1]
+        True
     """
+    if not l2_grid:
+        raise ValueError("l2_grid must not be empty")
+    scaled = _Standardized.of(train_x)
+    y = train_y.long()
+    weight, bias = torch.zeros(num_classes, train_x.shape[1]), torch.zeros(num_classes)
     best: ProbeResult | None = None
     scores: dict[float, float] = {}
-    head: nn.Linear | None = None
     for l2 in sorted(l2_grid, reverse=True):
-        head = fit_logistic(train_x, train_y, num_classes, l2=l2, init=head, class_weight=class_weight)
+        weight, bias = _lbfgs(scaled.z, y, weight, bias, l2=l2, max_iter=150, class_weight=class_weight)
+        head = scaled.fold(weight, bias)
         with torch.no_grad():
             correct = (head(val_x).argmax(1) == val_y).float() if len(val_y) else torch.zeros(0)
         if class_weight is not None and len(val_y):  # balanced accuracy: mean recall over classes
@@ -127,7 +183,9 @@ def fit_probe(
         scores[l2] = acc
         if best is None or acc > best.val_accuracy:
             best = ProbeResult(head=head, l2=l2, val_accuracy=acc, scores=scores)
-    if best is None:
-        raise ValueError("l2_grid must not be empty")
+        elif acc < best.val_accuracy - PATH_STOP_DROP:
+            break
+    if best is None:  # unreachable: the grid is not empty
+        raise RuntimeError("no L2 strength was fitted")
     best.scores = scores
     return best

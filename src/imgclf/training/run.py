@@ -18,6 +18,7 @@ from torch import nn
 from imgclf import distributed
 from imgclf.backbones import Backbone, create_backbone, resolve_backbone
 from imgclf.bundle import Model, library_versions
+from imgclf.calibration import softmax
 from imgclf.config import TrainConfig, resolve_config, save_yaml, with_default_budget
 from imgclf.data.check import preflight
 from imgclf.data.pipeline import ImageStore, Preprocessing, normalize
@@ -30,12 +31,13 @@ from imgclf.runtime import FrozenForward, compute_dtype, pick_device
 from imgclf.training.balance import balanced_class_weights
 from imgclf.training.checkpoint import Checkpointer, open_checkpointer
 from imgclf.training.eval_size import choose_eval_size
-from imgclf.training.feature_cache import LazyForward, cache_for, cached_features
-from imgclf.training.finetune import Callback, evaluate_store, fit
-from imgclf.training.probe import fit_probe
+from imgclf.training.feature_cache import LazyForward, cache_for, cached_features, cached_probe
+from imgclf.training.finetune import Callback, fit
+from imgclf.training.probe import PATH_STOP_DROP, fit_probe, run_frozen
 from imgclf.training.reproducible import make_deterministic
 from imgclf.training.runlog import MetricsLog, TensorBoardLog
 from imgclf.training.seed import DEFAULT_SEED_EPOCHS, build_seed_model, fit_seed, seed_meta, seed_setup
+from imgclf.tta import StorePredictions
 
 DEFAULT_FINETUNE_EPOCHS = 5  # with early stopping on val accuracy (patience 3)
 MIN_IMAGE_SIZE = 96  # below this lite0/ResNet final feature maps are 3x3 or smaller
@@ -155,7 +157,8 @@ def _train(cfg: TrainConfig, out: Path) -> Model:
     dataset = load_dataset(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
     # Decode every file once up front: unreadable ones are dropped (or too many stop the run) now,
     # not discovered in epoch 7.
-    dataset, unreadable = preflight(dataset, max_bad_fraction=cfg.max_bad_fraction, workers=cfg.workers)
+    dataset, unreadable = preflight(dataset, max_bad_fraction=cfg.max_bad_fraction, workers=cfg.workers,
+                                    use_cache=cfg.scan_cache)
     for warning in dataset.warnings:
         log(f"warning: {warning}")
     test_count = len(dataset.test) if dataset.test is not None else 0
@@ -199,8 +202,8 @@ def _train(cfg: TrainConfig, out: Path) -> Model:
                   epoch_cap)
     prep, stores = fitted.prep, fitted.stores  # the test-time size, and val/test decoded at it
     metrics = {
-        split: classification_metrics(probs, labels, dataset.classes)
-        for split, (probs, labels) in fitted.predictions.items()
+        split: classification_metrics(softmax(scored.logits), scored.labels, dataset.classes)
+        for split, scored in fitted.predictions.items()
     }
     # Streamed images that failed to decode are found by the rank that read them.
     failed = distributed.gather_lists([item for s in stores.values() for item in s.failed])
@@ -249,7 +252,8 @@ def _train(cfg: TrainConfig, out: Path) -> Model:
         log(f"warning: skipped {len(skipped)} unreadable file(s); list in {out / 'skipped_files.txt'}")
     from imgclf.report.build import report_after_training
 
-    report_after_training(trained, dataset, out, stores=stores, batch_size=cfg.batch_size, device=cfg.device)
+    report_after_training(trained, dataset, out, stores=stores, predictions=fitted.predictions,
+                          batch_size=cfg.batch_size, device=cfg.device)
     summary = ", ".join(f"{k} accuracy {v['accuracy']:.4f}" for k, v in metrics.items())
     log(f"done in {meta['wall_seconds']:.0f} s: {summary}; bundle in {out}")
     return trained
@@ -276,7 +280,7 @@ class _Fitted:
     probe_info: dict[str, Any]
     history: list[dict[str, Any]]
     stores: dict[str, ImageStore]  # val and test at `prep`'s size
-    predictions: dict[str, tuple[np.ndarray, np.ndarray]]  # (probabilities, labels) on val and test
+    predictions: dict[str, StorePredictions]  # the final model's logits on val and test (metrics, report)
     prep: Preprocessing  # the test-time preprocessing (the size may exceed the training size)
     eval_size: dict[str, Any] | None = None  # the test-time size search, when it ran
 
@@ -317,8 +321,9 @@ def _fit(
             deadline -= _seed_closing_seconds(model, stores, cfg, device)
         seed_history = fit_seed(model, stores["train"], stores["val"], cfg, epochs=epochs, device=device,
                                 dtype=dtype, deadline=deadline)
-        return _Fitted(model.cpu().eval(), {}, seed_history, stores, _predict_splits(model, stores, cfg, device), prep)
-    predictions: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        scored = _predict_splits(model, stores, cfg, device, len(dataset.classes))
+        return _Fitted(model.cpu().eval(), {}, seed_history, stores, scored, prep)
+    predictions: dict[str, StorePredictions] = {}
     if checkpointer.resume_from is not None:  # the head was fitted before the interruption
         model = ImageClassifier(backbone.model, nn.Linear(backbone.num_features, len(dataset.classes)))
         probe_info = checkpointer.restore_model(model)
@@ -346,7 +351,7 @@ def _fit(
                 if dataset.test is not None:
                     stores["test"] = _store(dataset.test, prep, cfg, 0, "test")
     if not predictions:  # fine-tuned, or resumed without the probe's features
-        predictions = _predict_splits(model, stores, cfg, device)
+        predictions = _predict_splits(model, stores, cfg, device, len(dataset.classes))
     return _Fitted(model.cpu().eval(), probe_info, history, stores, predictions, prep, eval_size)
 
 
@@ -357,11 +362,12 @@ def _fit_head(
     cfg: TrainConfig,
     device: torch.device,
     stores: dict[str, ImageStore],
-) -> tuple[ImageClassifier, dict[str, Any], dict[str, tuple[np.ndarray, np.ndarray]]]:
+) -> tuple[ImageClassifier, dict[str, Any], dict[str, StorePredictions]]:
     """The linear probe: a logistic-regression head on frozen features (finetune: of a subset).
 
     Returns the model, probe details, and, when the backbone will not be fine-tuned, the head's
-    (probabilities, labels) on val and test, computed from the features already at hand.
+    logits on val and test, computed from the features already at hand (or in the feature cache),
+    so neither the scores nor the report run the backbone over val and test again.
     """
     finetune = cfg.recipe == "finetune"
 
@@ -383,24 +389,30 @@ def _fit_head(
         fraction = cfg.head_fit_images / len(head_store)
         _, subset = stratified_split(head_store.labels.numpy(), fraction, cfg.seed)
         head_store = _SubsetStore(head_store, subset)
-    train_x, train_y = frozen_features(forward, head_store, batch_size=cfg.batch_size, desc="features train")
-    val_x, val_y = frozen_features(forward, stores["val"], batch_size=cfg.batch_size, desc="features val")
+    train_x, train_y, _ = frozen_features(forward, head_store, batch_size=cfg.batch_size, desc="features train")
+    val_x, val_y, val_at = frozen_features(forward, stores["val"], batch_size=cfg.batch_size, desc="features val")
     weight = balanced_class_weights(train_y, len(dataset.classes)) if cfg.balance else None
-    probe = fit_probe(train_x, train_y, val_x, val_y, len(dataset.classes), cfg.probe_l2, class_weight=weight)
+    probe, reused = cached_probe(
+        lambda: fit_probe(train_x, train_y, val_x, val_y, len(dataset.classes), cfg.probe_l2, class_weight=weight),
+        cache, inputs=[train_x, train_y, val_x, val_y, weight],
+        settings={"classes": len(dataset.classes), "l2": sorted(cfg.probe_l2), "stop": PATH_STOP_DROP},
+    )
     log(f"linear probe: val accuracy {probe.val_accuracy:.4f} (L2 {probe.l2:g}; "
-        + ", ".join(f"{k:g}: {v:.3f}" for k, v in sorted(probe.scores.items())) + ")")
+        + ", ".join(f"{k:g}: {v:.3f}" for k, v in sorted(probe.scores.items())) + ")"
+        + ("; the head fitted on these same features before, from the cache" if reused else ""))
     model = ImageClassifier(backbone.model, probe.head)
     probe_info = {"l2": probe.l2, "val_accuracy": probe.val_accuracy,
                   "scores": {f"{k:g}": v for k, v in probe.scores.items()}, "images": len(train_y)}
-    predictions: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    predictions: dict[str, StorePredictions] = {}
     if not finetune or cfg.epochs == 0:
         # The backbone will not change: score the probe's head on features already computed.
-        outputs = {"val": (val_x, val_y)}
+        outputs = {"val": (val_x, val_y, val_at)}
         if "test" in stores:
             outputs["test"] = frozen_features(forward, stores["test"], batch_size=cfg.batch_size, desc="features test")
         with torch.no_grad():
-            for split, (x, y) in outputs.items():
-                predictions[split] = (torch.softmax(probe.head(x), 1).numpy(), y.numpy())
+            for split, (x, y, at) in outputs.items():
+                logits = probe.head(x).numpy() if len(y) else np.zeros((0, len(dataset.classes)), np.float32)
+                predictions[split] = StorePredictions(logits=logits, labels=y.numpy(), positions=at)
     return model, probe_info, predictions
 
 
@@ -433,16 +445,19 @@ def _seed_closing_seconds(
 
 
 def _predict_splits(
-    model: ImageClassifier, stores: dict[str, ImageStore], cfg: TrainConfig, device: torch.device
-) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """(probabilities, labels) of the trained `model` on val and, if present, test."""
-    predictions: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    model: ImageClassifier, stores: dict[str, ImageStore], cfg: TrainConfig, device: torch.device, num_classes: int
+) -> dict[str, StorePredictions]:
+    """The trained `model`'s logits on val and, if present, test: one pass each, shared by the
+    metrics and the report."""
+    forward = FrozenForward(model, image_size=stores["val"].prep.image_size, device=device, precision=cfg.precision)
+    predictions: dict[str, StorePredictions] = {}
     for split in ("val", "test"):
         if split in stores:
-            _, _, probs, labels = evaluate_store(
-                model, stores[split], batch_size=cfg.batch_size, device=device, precision=cfg.precision, shard=True
-            )
-            predictions[split] = (probs, labels)
+            logits, labels, positions = run_frozen(forward, stores[split], batch_size=cfg.batch_size,
+                                                   desc=f"score {split}", shard=True)
+            if not len(labels):
+                logits = torch.zeros(0, num_classes)
+            predictions[split] = StorePredictions(logits=logits.numpy(), labels=labels.numpy(), positions=positions)
     return predictions
 
 
