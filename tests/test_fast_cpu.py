@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -149,10 +150,123 @@ def test_train_probe_twice_serves_the_second_from_the_cache(
     first = imgclf.train(out=str(tmp_path / "a"), **args)
     err = capsys.readouterr().err
     assert "frozen forward runs on" in err and "0 from the feature cache" in err
+    assert "0 file(s) unchanged since their last scan" in err
+
+    def no_prediction_pass(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the report ran the network again")
+
+    # The report takes train's val/test logits: it must not predict again.
+    monkeypatch.setattr("imgclf.report.build.collect_predictions", no_prediction_pass)
     second = imgclf.train(out=str(tmp_path / "b"), **args)
     err = capsys.readouterr().err
     assert "frozen forward runs on" not in err and ", 0 computed" in err
+    files = sum(1 for p in data.rglob("*.png"))
+    assert f"{files} file(s) unchanged since their last scan, 0 scanned" in err  # nothing decoded
+    assert "the head fitted on these same features before, from the cache" in err
+    assert "report failed" not in err
     assert second.meta["metrics"]["val"]["accuracy"] == first.meta["metrics"]["val"]["accuracy"]
+    assert torch.equal(second.module.head.weight, first.module.head.weight)
+    report = json.loads((tmp_path / "b" / "report" / "metrics.json").read_text())
+    assert report["metrics"]["accuracy"] == second.meta["metrics"]["test" if "test" in second.meta["metrics"]
+                                                                  else "val"]["accuracy"]
+
+
+def test_the_scan_cache_reads_only_new_or_changed_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from imgclf.data import check
+
+    data = make_image_folder(tmp_path / "data", per_class=4)
+    (tmp_path / "data" / "class_0" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    dataset = load_dataset(str(data), val_fraction=0.25, seed=0)
+    scanned: list[str] = []
+    real_scan = check.scan_file
+
+    def counting_scan(entry: check.Entry) -> check.FileResult:
+        scanned.append(entry.path)
+        return real_scan(entry)
+
+    monkeypatch.setattr(check, "scan_file", counting_scan)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("IMGCLF_CACHE", str(cache))
+    first, skipped = check.preflight(dataset, max_bad_fraction=0.5)
+    total = len(scanned)
+    assert total == 13 and [s["path"].endswith("broken.jpg") for s in skipped] == [True]
+    scanned.clear()
+    second, skipped_again = check.preflight(dataset, max_bad_fraction=0.5)
+    # Only the unusable file is read again (a failure is never cached: it may be a permissions problem).
+    assert [Path(p).name for p in scanned] == ["broken.jpg"] and skipped_again == skipped
+    assert second.train.paths == first.train.paths
+    assert np.array_equal(second.train.digests, first.train.digests)
+    # The digests are the files' SHA-256 prefixes, and the feature cache's content keys.
+    import hashlib
+
+    path = first.train.paths[0]
+    assert bytes(first.train.digests[0]) == hashlib.sha256(Path(path).read_bytes()).digest()[:16]
+    no_digests = dataclasses.replace(first.train, digests=None)
+    assert np.array_equal(content_keys(no_digests), content_keys(first.train))
+    # A rewritten file (new bytes, new mtime) is scanned again; the others are not.
+    changed = first.val.paths[0]
+    Image.new("RGB", (40, 40), (1, 2, 3)).save(changed)
+    os.utime(changed, ns=(1, 1))
+    scanned.clear()
+    third, _ = check.preflight(dataset, max_bad_fraction=0.5)
+    assert sorted(Path(p).name for p in scanned) == sorted(["broken.jpg", Path(changed).name])
+    assert not np.array_equal(third.val.digests[0], first.val.digests[0])
+    # A damaged table is reported and rebuilt, never trusted.
+    for table in (cache / "scans").glob("*.npz"):
+        table.write_bytes(b"garbage")
+    scanned.clear()
+    check.preflight(dataset, max_bad_fraction=0.5)
+    assert len(scanned) == total
+
+
+def test_streamed_uint8_batches_match_normalised_float_calls(tmp_path: Path) -> None:
+    pytest.importorskip("openvino")
+    from imgclf.backbones import create_backbone
+    from imgclf.runtime import FrozenForward, stream_outputs
+
+    torch.manual_seed(0)
+    net = create_backbone(TINY_BACKBONE, random_init=True).model
+    forward = FrozenForward(net, image_size=32, runtime="openvino")
+    images = torch.randint(0, 256, (21, 3, 32, 32), dtype=torch.uint8)
+    batches = [(np.arange(i, min(i + 8, 21)), images[i : i + 8]) for i in range(0, 21, 8)]
+    streamed = list(forward.stream(iter(batches), PREP))
+    assert [b[0].tolist() for b in streamed] == [b[0].tolist() for b in batches]  # in order
+    expected = forward(normalize(images, PREP))
+    assert torch.allclose(torch.cat([b[1] for b in streamed]), expected, atol=1e-4)
+    with torch.no_grad():
+        reference = net(normalize(images, PREP))
+    assert torch.allclose(expected, reference, atol=1e-4)
+    # A plain callable (no `stream`) is fed normalised batches one by one.
+    counting = CountingForward()
+    plain = torch.cat([out for _, out in stream_outputs(counting, iter(batches), PREP)])
+    assert counting.images == 21 and torch.allclose(plain, CountingForward()(normalize(images, PREP)))
+
+
+def test_a_cached_probe_head_is_reused_only_for_the_same_inputs(tmp_path: Path) -> None:
+    from imgclf.training.feature_cache import cached_probe
+    from imgclf.training.probe import fit_probe
+
+    torch.manual_seed(0)
+    x, y = torch.randn(60, 5), torch.randint(0, 3, (60,))
+    fits: list[int] = []
+
+    def fit(l2: list[float]):  # type: ignore[no-untyped-def]
+        fits.append(1)
+        return fit_probe(x[:40], y[:40], x[40:], y[40:], 3, l2)
+
+    cache = FeatureCache(tmp_path / "key")
+    first, hit = cached_probe(lambda: fit([0.1, 1.0]), cache, inputs=[x, y], settings={"l2": [0.1, 1.0]})
+    assert not hit and len(fits) == 1
+    again, hit = cached_probe(lambda: fit([0.1, 1.0]), cache, inputs=[x, y], settings={"l2": [0.1, 1.0]})
+    assert hit and len(fits) == 1
+    assert torch.equal(again.head.weight, first.head.weight) and again.l2 == first.l2
+    assert again.scores == first.scores
+    _, hit = cached_probe(lambda: fit([0.01]), cache, inputs=[x, y], settings={"l2": [0.01]})
+    assert not hit and len(fits) == 2  # other settings
+    _, hit = cached_probe(lambda: fit([0.1, 1.0]), cache, inputs=[x + 1, y], settings={"l2": [0.1, 1.0]})
+    assert not hit and len(fits) == 3  # other features
 
 
 # --------------------------------------------------------------------------------------------

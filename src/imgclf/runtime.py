@@ -10,9 +10,13 @@ installed: on that same machine it ran lite0 at 208 img/s against PyTorch's 44 (
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import ctypes
+import ctypes.util
+import platform
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from functools import cache
 from typing import Any
 
@@ -20,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from imgclf.data.pipeline import Preprocessing, normalize
 from imgclf.distributed import openvino_properties
 from imgclf.errors import ConfigError
 
@@ -81,13 +86,19 @@ class FrozenForward:
     """Runs a frozen module (eval mode) on batches as fast as this machine allows.
 
     On a CPU with OpenVINO installed, the module is converted once for the given input size and
-    run there (fp32, or bf16 where the CPU has it natively and precision allows). Otherwise it
-    runs in PyTorch with channels_last and autocast. `runtime="onnx"` converts it to ONNX in
-    memory and runs it in onnxruntime (fp32).
+    run there (fp32, or bf16 where the CPU has it natively and precision allows), in throughput
+    mode: several streams, each batch split across them. Otherwise it runs in PyTorch with
+    channels_last and autocast. `runtime="onnx"` converts it to ONNX in memory and runs it in
+    onnxruntime (fp32).
+
+    Call it on normalised float batches, or use `stream` on uint8 batches: on OpenVINO the
+    normalisation then runs inside the compiled network, whole batches go to the streams, and the
+    next batch is decoded while they run (BENCHMARKS.md, "Probe speed").
 
     Example:
         >>> forward = FrozenForward(model, image_size=160)  # doctest: +SKIP
         >>> features = forward(batch)  # doctest: +SKIP
+        >>> for indices, out in forward.stream(store.batches(order, 64), store.prep): ...  # doctest: +SKIP
     """
 
     def __init__(
@@ -99,6 +110,7 @@ class FrozenForward:
         precision: str = "auto",
         runtime: str = "auto",
     ) -> None:
+        limit_heap_growth()
         self.module = module.eval()
         self.device = device or torch.device("cpu")
         self.dtype = compute_dtype(self.device, precision)
@@ -106,21 +118,10 @@ class FrozenForward:
             runtime = "openvino" if self.device.type == "cpu" and openvino_available() else "torch"
         self.runtime = runtime
         self._compiled: Callable[[np.ndarray], Any] | None = None
+        self._openvino: _OpenVINONetwork | None = None
         if runtime == "openvino":
-            import openvino as ov
-
-            example = torch.zeros(1, 3, image_size, image_size)
-            with torch.no_grad(), warnings.catch_warnings():
-                # OpenVINO traces through torch.jit, which warns that it is deprecated.
-                warnings.simplefilter("ignore", FutureWarning)
-                warnings.simplefilter("ignore", torch.jit.TracerWarning)
-                ov_model = ov.convert_model(self.module, example_input=example)
-            ov_model.reshape({0: ov.PartialShape([-1, 3, image_size, image_size])})
-            hint = "bf16" if self.dtype == torch.bfloat16 else "f32"
-            # Under torchrun: this process's share of the cores (see imgclf.distributed).
-            properties = {"INFERENCE_PRECISION_HINT": hint, **openvino_properties()}
-            compiled = ov.Core().compile_model(ov_model, "CPU", properties)
-            self._compiled = _openvino_runner(compiled)
+            self._openvino = _OpenVINONetwork(self.module, image_size, self.dtype)
+            self._compiled = self._openvino.runner(None)
         elif runtime == "onnx":
             self._compiled = _onnx_runner(self.module, image_size)
         elif runtime != "torch":
@@ -137,21 +138,145 @@ class FrozenForward:
             x = batch.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             return self.module(x).float().cpu()
 
+    def stream(
+        self, batches: Iterable[tuple[np.ndarray, torch.Tensor]], prep: Preprocessing
+    ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        """(indices, uint8 N x 3 x S x S images) batches -> (indices, float32 outputs), in order."""
+        if self._openvino is None:
+            for indices, batch in batches:
+                yield indices, self(normalize(batch, prep))
+            return
+        runner = self._openvino.runner(prep)
+        arrays = ((indices, np.ascontiguousarray(batch.numpy())) for indices, batch in batches)
+        for indices, out in runner.pipelined(arrays):
+            yield indices, torch.from_numpy(out)
 
-def _openvino_runner(compiled: Any) -> Callable[[np.ndarray], np.ndarray]:
-    """One reused infer request whose output is copied out.
+
+def stream_outputs(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    batches: Iterable[tuple[np.ndarray, torch.Tensor]],
+    prep: Preprocessing,
+) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    """`forward.stream(batches, prep)` where `forward` has it, else `forward(normalize(batch))` per batch.
+
+    Example:
+        >>> for indices, features in stream_outputs(forward, store.batches(order, 64), store.prep):
+        ...     pass  # doctest: +SKIP
+    """
+    stream = getattr(forward, "stream", None)
+    if stream is not None:
+        yield from stream(batches, prep)
+        return
+    for indices, batch in batches:
+        yield indices, forward(normalize(batch, prep))
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+
+
+@cache
+def limit_heap_growth() -> None:
+    """On glibc, serve allocations of 64 KiB and more with mmap, so freed batch buffers go back
+    to the OS at once.
+
+    glibc raises its mmap threshold after the first large frees and then serves batch-sized
+    buffers from its heaps. In a streaming frozen pass (buffers allocated by decode threads, freed
+    by the main thread) the heaps kept growing: 0.8 MB per image at 160 px, a 15.6 GB peak for a
+    CIFAR-10 probe over 60,000 images; flat at ~1.3 GB with this setting (2026-11-27).
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024)
+    except (OSError, AttributeError):  # not glibc after all: nothing to tune
+        return
+
+
+class _OpenVINONetwork:
+    """A module converted to OpenVINO once, compiled per input kind: normalised float, or uint8
+    with one `Preprocessing`'s normalisation built into the network."""
+
+    def __init__(self, module: nn.Module, image_size: int, dtype: torch.dtype) -> None:
+        import openvino as ov
+
+        example = torch.zeros(1, 3, image_size, image_size)
+        with torch.no_grad(), warnings.catch_warnings():
+            # OpenVINO traces through torch.jit, which warns that it is deprecated.
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            self.model = ov.convert_model(module, example_input=example)
+        self.model.reshape({0: ov.PartialShape([-1, 3, image_size, image_size])})
+        # Throughput mode: 1.2x the latency mode's images/s for lite0 at 160 px on 2 cores (2
+        # streams of 1 thread: depthwise convolutions parallelise poorly within one stream).
+        # Under torchrun: this process's share of the cores (see imgclf.distributed).
+        self.properties = {"INFERENCE_PRECISION_HINT": "bf16" if dtype == torch.bfloat16 else "f32",
+                           "PERFORMANCE_HINT": "THROUGHPUT", **openvino_properties()}
+        self._runners: dict[Any, _OpenVINORunner] = {}
+
+    def runner(self, prep: Preprocessing | None) -> _OpenVINORunner:
+        """The compiled network for normalised float input (`prep` None) or uint8 input under `prep`."""
+        import openvino as ov
+
+        key = None if prep is None else (prep.mean, prep.std)
+        if key not in self._runners:
+            model = self.model
+            if prep is not None:
+                from openvino.preprocess import PrePostProcessor
+
+                steps = PrePostProcessor(self.model.clone())
+                steps.input().tensor().set_element_type(ov.Type.u8).set_layout(ov.Layout("NCHW"))
+                steps.input().model().set_layout(ov.Layout("NCHW"))
+                steps.input().preprocess().convert_element_type(ov.Type.f32) \
+                    .mean([255.0 * m for m in prep.mean]).scale([255.0 * s for s in prep.std])
+                model = steps.build()
+            self._runners[key] = _OpenVINORunner(ov.Core().compile_model(model, "CPU", self.properties))
+        return self._runners[key]
+
+
+class _OpenVINORunner:
+    """A compiled network's infer requests, one per stream, reused; each output is copied out.
 
     Calling the compiled model directly (`compiled(array)`) grew memory by about one input batch
     per call in a long streaming run (0.35 MB per image at 160 px: 60,000 CIFAR images ran a
-    24 GB machine out of memory); a single explicit request stays flat.
+    24 GB machine out of memory); explicit, reused requests stay flat.
     """
-    request = compiled.create_infer_request()
 
-    def run(array: np.ndarray) -> np.ndarray:
-        request.infer({0: array})
-        return request.get_output_tensor(0).data.copy()
+    def __init__(self, compiled: Any) -> None:
+        try:
+            count = int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+        except Exception:  # an OpenVINO without the property: one request
+            count = 1
+        self.requests = [compiled.create_infer_request() for _ in range(max(1, count))]
 
-    return run
+    def __call__(self, array: np.ndarray) -> np.ndarray:
+        """One batch, split across the streams; returns when all of it is done."""
+        parts = np.array_split(array, min(len(self.requests), max(1, len(array))))
+        for request, part in zip(self.requests, parts, strict=False):
+            request.start_async({0: part})  # the input is copied into the request
+        outputs = []
+        for request in self.requests[: len(parts)]:
+            request.wait()
+            outputs.append(request.get_output_tensor(0).data.copy())
+        return np.concatenate(outputs)
+
+    def pipelined(self, arrays: Iterable[tuple[Any, np.ndarray]]) -> Iterator[tuple[Any, np.ndarray]]:
+        """Whole batches, one per stream at a time, the next prepared while they run; in order."""
+        free = list(reversed(self.requests))
+        running: collections.deque[tuple[Any, Any]] = collections.deque()
+        for tag, array in arrays:
+            if not free:
+                request, done = running.popleft()
+                request.wait()
+                yield done, request.get_output_tensor(0).data.copy()
+                free.append(request)
+            request = free.pop()
+            request.start_async({0: array})  # the input is copied into the request
+            running.append((request, tag))
+        while running:
+            request, done = running.popleft()
+            request.wait()
+            yield done, request.get_output_tensor(0).data.copy()
 
 
 def _onnx_runner(module: nn.Module, image_size: int) -> Callable[[np.ndarray], np.ndarray]:

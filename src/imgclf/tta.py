@@ -7,15 +7,16 @@ wrong for classes that a mirror changes (digits, text, left/right), which is why
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from imgclf.data.pipeline import ImageStore, normalize
+from imgclf.data.pipeline import ImageStore
 from imgclf.progress import progress
-from imgclf.runtime import FrozenForward
+from imgclf.runtime import FrozenForward, stream_outputs
 
 TTA_METHOD = "mean of the softmax over the image and its left-right mirror"
 
@@ -44,10 +45,13 @@ def collect_predictions(
     mirrored: list[torch.Tensor] = []
     positions: list[np.ndarray] = []
     bar = progress(total=len(store), desc=desc)
-    for indices, batch in store.batches(np.arange(len(store)), batch_size):
-        logits.append(forward(normalize(batch, store.prep)))
+    pairs: Iterator[tuple[np.ndarray, torch.Tensor]] = store.batches(np.arange(len(store)), batch_size)
+    if tta:  # each batch twice: as it is and mirrored (dim 3 is width)
+        pairs = ((indices, torch.cat([batch, batch.flip(3)])) for indices, batch in pairs)
+    for indices, out in stream_outputs(forward, pairs, store.prep):
+        logits.append(out[: len(indices)])
         if tta:
-            mirrored.append(forward(normalize(batch.flip(3), store.prep)))  # dim 3 is width
+            mirrored.append(out[len(indices):])
         positions.append(indices)
         bar.update(len(indices))
     bar.close()

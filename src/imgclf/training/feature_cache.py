@@ -25,7 +25,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -34,9 +34,10 @@ import torch
 from torch import nn
 
 from imgclf import distributed
-from imgclf.data.pipeline import ImageStore, Preprocessing, default_workers, normalize
+from imgclf.data.pipeline import ImageStore, Preprocessing, default_workers
 from imgclf.data.sources import ImageSet
 from imgclf.progress import log, progress
+from imgclf.runtime import stream_outputs
 from imgclf.training.probe import ProbeResult, run_frozen
 
 FORMAT_VERSION = 2  # bump when the meaning of a stored feature or key changes (2: SHA-256 content keys)
@@ -204,11 +205,22 @@ class LazyForward:
     def built(self) -> bool:
         return self._forward is not None
 
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+    def build(self) -> Callable[[torch.Tensor], torch.Tensor]:
         if self._forward is None:
             self._forward = self._build()
+        return self._forward
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         self.calls += 1
-        return self._forward(batch)
+        return self.build()(batch)
+
+    def stream(
+        self, batches: Iterable[tuple[np.ndarray, torch.Tensor]], prep: Preprocessing
+    ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        """`stream_outputs` of the built forward (see FrozenForward.stream)."""
+        for item in stream_outputs(self.build(), batches, prep):
+            self.calls += 1
+            yield item
 
 
 def store_images(store: ImageStore) -> ImageSet:
@@ -250,11 +262,13 @@ def cached_features(
     missing = np.flatnonzero(~found)
     computed_positions: list[np.ndarray] = []
     computed: list[torch.Tensor] = []
+    if len(missing) and isinstance(forward, LazyForward):
+        forward.build()  # a one-time conversion, not part of the images/s below
     started = time.perf_counter()
     if len(missing):
         bar = progress(total=len(missing), desc=desc)
-        for indices, batch in store.batches(block[missing], batch_size):
-            computed.append(forward(normalize(batch, store.prep)))
+        for indices, out in stream_outputs(forward, store.batches(block[missing], batch_size), store.prep):
+            computed.append(out)
             computed_positions.append(indices)
             bar.update(len(indices))
         bar.close()

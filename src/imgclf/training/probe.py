@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from imgclf import distributed
-from imgclf.data.pipeline import ImageStore, normalize
+from imgclf.data.pipeline import ImageStore
 from imgclf.progress import progress
-from imgclf.runtime import FrozenForward
+from imgclf.runtime import FrozenForward, stream_outputs
 
 
 def run_frozen(
@@ -27,8 +27,8 @@ def run_frozen(
     outputs, labels, where = [], [], []
     positions = distributed.shard_range(len(store)) if shard else np.arange(len(store))
     bar = progress(total=len(positions), desc=desc)
-    for indices, batch in store.batches(positions, batch_size):
-        outputs.append(forward(normalize(batch, store.prep)))
+    for indices, out in stream_outputs(forward, store.batches(positions, batch_size), store.prep):
+        outputs.append(out)
         labels.append(store.labels[torch.from_numpy(indices)])
         where.append(torch.from_numpy(np.asarray(indices, dtype=np.int64)))
         bar.update(len(indices))

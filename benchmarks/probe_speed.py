@@ -1,0 +1,143 @@
+"""Probe feature extraction against the fastest runtime's bare forward pass, and a cached second run.
+
+Not a test: at full size it takes about 10 minutes. It unzips ../shared/data/cifar10-jpg.zip into
+~/.cache/imgclf-bench once (as benchmarks/cifar10.py does), then:
+
+1. **Bare forward throughput** of the probe's backbone at the probe's input size, on uint8
+   batches already in memory (no decoding), for each runtime: PyTorch fp32, ONNX Runtime fp32 (if
+   installed), OpenVINO fp32 called one batch at a time, and OpenVINO's streamed path (what the
+   probe uses: normalisation inside the network, whole batches to the throughput streams).
+2. **First run**: `imgclf train DATA --recipe probe` with an empty cache folder: decoding,
+   features for every image, the fit and the report. Extraction speed is read from the run's
+   log ("features train: 0 from the feature cache, 45000 computed in S s (R img/s)").
+3. The bare OpenVINO figure again (the machine's speed drifts; both are shown).
+4. **Second run**: the same command; its scan, features and head come from the caches.
+
+Prints a table. Record the figures in BENCHMARKS.md with the command, machine and date.
+
+Usage:
+    python benchmarks/probe_speed.py                     # all 60,000 images
+    python benchmarks/probe_speed.py --per-class 100     # a smoke run (~1 min)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cifar10 import CACHE, ensure_data  # noqa: E402
+from cpu_time_to_accuracy import small_copy  # noqa: E402
+
+from imgclf.backbones import create_backbone  # noqa: E402
+from imgclf.data.pipeline import Preprocessing, normalize  # noqa: E402
+from imgclf.runtime import FrozenForward  # noqa: E402
+
+FEATURES_LINE = re.compile(r"features (\w+): (\d+) from the feature cache, (\d+) computed in ([\d.]+) s")
+
+
+def bare_rates(backbone: str, size: int, batch: int, batches: int) -> dict[str, float]:
+    """Images/s of each runtime on uint8 batches held in memory (normalisation counted)."""
+    built = create_backbone(backbone)
+    net = built.model.eval()
+    config = built.data_config
+    prep = Preprocessing(size, tuple(config["mean"]), tuple(config["std"]))  # type: ignore[arg-type]
+    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
+    rates: dict[str, float] = {}
+
+    def timed(name: str, run, count: int) -> None:  # type: ignore[no-untyped-def]
+        run(1)  # warm-up, compilation
+        start = time.perf_counter()
+        run(count)
+        rates[name] = count * batch / (time.perf_counter() - start)
+
+    def plain(count: int) -> None:
+        with torch.inference_mode():
+            for _ in range(count):
+                net(normalize(images, prep).contiguous())
+
+    timed("PyTorch fp32", plain, max(2, batches // 4))
+    runtimes = ["openvino"]
+    try:
+        import onnxruntime  # noqa: F401
+
+        runtimes.insert(0, "onnx")
+    except ImportError:
+        pass
+    for runtime in runtimes:
+        forward = FrozenForward(net, image_size=size, runtime=runtime, precision="fp32")
+        label = {"onnx": "ONNX Runtime fp32", "openvino": "OpenVINO fp32, one batch per call"}[runtime]
+        timed(label, lambda count, f=forward: [f(normalize(images, prep)) for _ in range(count)], batches)
+        if runtime == "openvino":
+            def streamed(count: int, f: FrozenForward = forward) -> None:
+                for _ in f.stream(((None, images) for _ in range(count)), prep):
+                    pass
+
+            timed("OpenVINO fp32, streamed (the probe's path)", streamed, batches)
+    return rates
+
+
+def run_train(data: Path, out: Path, cache: Path) -> tuple[float, dict[str, tuple[int, float]]]:
+    """Wall seconds of `imgclf train DATA --recipe probe`, and per split (computed, seconds)."""
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "imgclf", "train", str(data), "--recipe", "probe", "--out", str(out)]
+    print("$", " ".join(cmd), flush=True)
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, env={**os.environ, "IMGCLF_CACHE": str(cache)})
+    wall = time.perf_counter() - start
+    extraction = {m[1]: (int(m[3]), float(m[4])) for m in FEATURES_LINE.finditer((out / "train.log").read_text())}
+    return wall, extraction
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--per-class", type=int, default=0, help="use this many images per class (0 = all)")
+    parser.add_argument("--backbone", default="tf_efficientnet_lite0")
+    parser.add_argument("--size", type=int, default=160, help="the probe's input size on CIFAR-10 (32 px x 5)")
+    parser.add_argument("--batches", type=int, default=20, help="batches of 64 per bare measurement")
+    args = parser.parse_args()
+    warnings.simplefilter("ignore")
+    data = ensure_data() if not args.per_class else small_copy(ensure_data(), args.per_class)
+    before = bare_rates(args.backbone, args.size, 64, args.batches)
+    work = Path(tempfile.mkdtemp(prefix="probe-speed-", dir=CACHE))
+    try:
+        first, extraction = run_train(data, work / "first", work / "cache")
+        after = bare_rates(args.backbone, args.size, 64, args.batches)
+        second, _ = run_train(data, work / "second", work / "cache")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    images = sum(n for n, _ in extraction.values())
+    seconds = sum(s for _, s in extraction.values())
+    rate = images / seconds if seconds else float("nan")
+    print(f"\n{args.backbone} at {args.size} px, batch 64, {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} cores, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}")
+    print("| measurement | before the runs | after the first run |")
+    print("| --- | --- | --- |")
+    for name in before:
+        print(f"| bare forward: {name} | {before[name]:.1f} img/s | {after[name]:.1f} img/s |")
+    best = max(max(before.values()), max(after.values()))
+    best_mean = max((before[k] + after[k]) / 2 for k in before)
+    print("\n| extraction in the first run | images | seconds | img/s | of the fastest bare (mean / max) |")
+    print("| --- | --- | --- | --- | --- |")
+    for split, (n, s) in extraction.items():
+        print(f"| features {split} | {n} | {s:.1f} | {n / s:.1f} | |")
+    print(f"| all | {images} | {seconds:.1f} | {rate:.1f} | {rate / best_mean:.2f} / {rate / best:.2f} |")
+    print("\n| run | wall seconds | of the first |")
+    print("| --- | --- | --- |")
+    print(f"| first (empty caches) | {first:.1f} | 1.00 |")
+    print(f"| second (same data, caches filled) | {second:.1f} | {second / first:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
