@@ -26,6 +26,7 @@ import argparse
 import os
 import platform
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -113,6 +114,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="probe-speed-", dir=CACHE))
     try:
         first, extraction = run_train(data, work / "first", work / "cache")
+        peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # KiB on Linux
         after = bare_rates(args.backbone, args.size, 64, args.batches)
         second, _ = run_train(data, work / "second", work / "cache")
     finally:
@@ -135,7 +137,7 @@ def main() -> None:
     print(f"| all | {images} | {seconds:.1f} | {rate:.1f} | {rate / best_mean:.2f} / {rate / best:.2f} |")
     print("\n| run | wall seconds | of the first |")
     print("| --- | --- | --- |")
-    print(f"| first (empty caches) | {first:.1f} | 1.00 |")
+    print(f"| first (empty caches; peak memory {peak_mb:.0f} MB) | {first:.1f} | 1.00 |")
     print(f"| second (same data, caches filled) | {second:.1f} | {second / first:.3f} |")
 
 

@@ -26,6 +26,7 @@ from imgclf.training.budget import (
     finetune_seconds,
     interpolate,
     plan_budget,
+    probe_seconds,
 )
 from imgclf.training.feature_cache import (
     FeatureCache,
@@ -447,3 +448,37 @@ def test_train_with_a_time_budget_records_the_plan(tmp_path: Path, monkeypatch: 
     config = json.loads((tmp_path / "m" / "imgclf.json").read_text())["config"]
     assert config["recipe"] == "finetune" and config["image_size"] == 32 and config["epochs"] >= MIN_GOOD_EPOCHS
     assert model.meta["wall_seconds"] <= 60 * 1.1
+
+
+def test_a_short_budget_probes_a_stratified_subset_and_cached_features_are_free() -> None:
+    usable = PLAN_FRACTION * 90
+    assert all(probe_seconds(s, CIFAR_LIKE, RATES) > usable for s in (96, 128, 160))
+    plan = _plan(1.5)  # no probe on all 45,000 train images fits
+    assert plan.recipe == "probe" and plan.train_images is not None and 50 <= plan.train_images < 45000
+    assert plan.seconds <= usable + 1e-6
+    bigger = dataclasses.replace(CIFAR_LIKE, train=plan.train_images + 500)
+    assert probe_seconds(plan.image_size, bigger, RATES) > usable  # the most that fit
+    # Features already in the cache cost nothing but the fit: the whole set fits at 160 px.
+    warm = _plan(1.5, work=dataclasses.replace(CIFAR_LIKE, cached={160: (1.0, 1.0)}))
+    assert (warm.recipe, warm.image_size, warm.train_images) == ("probe", 160, None)
+
+
+def test_cached_shares_count_the_features_already_stored(tmp_path: Path) -> None:
+    from imgclf.backbones import create_backbone
+    from imgclf.training.feature_cache import cache_for, cached_shares
+
+    data = make_image_folder(tmp_path / "data", per_class=6)
+    dataset = load_dataset(str(data), val_fraction=0.25, seed=0)
+    backbone = create_backbone(TINY_BACKBONE, random_init=True)
+    prep_32 = dataclasses.replace(PREP, image_size=32)
+    prep_40 = dataclasses.replace(PREP, image_size=40)
+    root = tmp_path / "features"
+    assert cached_shares(backbone, {32: prep_32}, dataset, dtype=torch.float32, root=root) == {32: (0.0, 0.0)}
+    cache = cache_for(backbone_name=backbone.entry.timm_name, module=backbone.model, prep=prep_32,
+                      dtype=torch.float32, root=root)
+    half = ImageStore(dataset.train.subset(np.arange(len(dataset.train) // 2)), prep_32, memory_budget=2**30)
+    cached_features(CountingForward(), half, cache=cache, batch_size=4, desc="f")
+    cached_features(CountingForward(), ImageStore(dataset.val, prep_32, memory_budget=2**30), cache=cache,
+                    batch_size=4, desc="f")
+    shares = cached_shares(backbone, {32: prep_32, 40: prep_40}, dataset, dtype=torch.float32, root=root)
+    assert shares == {32: (0.5, 1.0), 40: (0.0, 0.0)}

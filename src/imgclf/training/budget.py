@@ -30,6 +30,7 @@ the report included. Two parts:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -55,6 +56,10 @@ MIN_FIT_EPOCHS = 0.5  # fine-tune when half an epoch fits: lite0, CIFAR-10, 96 p
 # 15-min budget scored 0.865 val against 0.755 for the probe head it starts from (BENCHMARKS.md, 2026-11-27)
 PLAN_FRACTION = 0.95  # plan for 95% of the budget: the guard absorbs the rest (limit: +10%)
 FIXED_SECONDS = 10.0  # bundle save, plots and report HTML, measured ~3-8 s on 2 cores
+# The probe's logistic-regression fit (training/probe.py), seconds per train image x feature x class:
+# 45 s for 45,000 CIFAR-10 images x 1,280 features x 10 classes on this 2-core machine (2026-11-27).
+FIT_SECONDS_PER_UNIT = 45.0 / (45_000 * 1_280 * 10)
+MIN_PROBE_IMAGES_PER_CLASS = 5  # a probe on fewer train images per class is not worth planning
 MAX_EPOCHS = 20  # without --epochs; early stopping (patience) usually ends the run sooner
 MEASURE_STEPS = 3  # timed training steps per measured size, after WARMUP_STEPS
 WARMUP_STEPS = 2  # the first steps run slower (allocator, kernel selection): measured 49 vs 77 img/s with one
@@ -62,12 +67,17 @@ WARMUP_STEPS = 2  # the first steps run slower (allocator, kernel selection): me
 
 @dataclass(frozen=True)
 class Workload:
-    """Images per split, and how many train images fit the first head."""
+    """Images per split, how many train images fit the first head, and what the caches hold."""
 
     train: int
     val: int
     test: int
     head_fit: int
+    features: int = 1280  # the backbone's feature width (the probe's fit costs n x features x classes)
+    classes: int = 10
+    # Input size -> (share of the train images, share of the val and test images) whose frozen
+    # features are in the feature cache: a probe computes only the others.
+    cached: dict[int, tuple[float, float]] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
@@ -94,6 +104,7 @@ class Plan:
     reason: str
     options: dict[str, float] = field(default_factory=dict)  # "finetune@128x3" -> estimated seconds
     search_seconds: float = 0.0  # of closing: scoring the last epoch and choosing the test-time size
+    train_images: int | None = None  # a probe on this many train images (a stratified subset); None = all
 
 
 def _shared_seconds(size: int, work: Workload, rates: Rates) -> float:
@@ -107,18 +118,36 @@ def search_seconds(size: int, work: Workload, rates: Rates) -> float:
 
 
 def closing_seconds(size: int, work: Workload, rates: Rates) -> float:
-    """After fine-tuning: the test-time size search, then scoring val and test twice (final
-    metrics, then the report) at up to the largest candidate size, plus saving."""
+    """After fine-tuning: the test-time size search, then scoring val and test once (the metrics
+    and the report share it) at up to the largest candidate size, plus saving."""
     scale = (max(eval_size.candidate_sizes(size)) / size) ** 2
-    scoring = 2 * ((work.val + work.test) * scale / rates.frozen[size] + rates.convert_seconds)
+    scoring = (work.val + work.test) * scale / rates.frozen[size] + rates.convert_seconds
     return search_seconds(size, work, rates) + scoring + FIXED_SECONDS
 
 
+def fit_seconds(train_images: int, work: Workload) -> float:
+    """The probe's logistic-regression fit on `train_images` feature rows."""
+    return FIT_SECONDS_PER_UNIT * train_images * work.features * max(work.classes, 2)
+
+
 def probe_seconds(size: int, work: Workload, rates: Rates) -> float:
-    """Estimated seconds of a probe run: decode, features of every image, the report."""
-    features = work.total / rates.frozen[size]
-    report = (work.val + work.test) / rates.frozen[size] + rates.convert_seconds + FIXED_SECONDS
-    return _shared_seconds(size, work, rates) + features + report
+    """Estimated seconds of a probe run: decoding and features of the images the feature cache
+    lacks (a probe streams its images: nothing else is decoded), the fit, saving and the report
+    (which reuses the features' predictions)."""
+    train_share, eval_share = work.cached.get(size, (0.0, 0.0))
+    computed = work.train * (1 - train_share) + (work.val + work.test) * (1 - eval_share)
+    network = rates.convert_seconds if computed else 0.0
+    return (computed / rates.decode + network + computed / rates.frozen[size] + fit_seconds(work.train, work)
+            + FIXED_SECONDS)
+
+
+def probe_subset(size: int, work: Workload, rates: Rates, usable: float) -> int:
+    """The most train images a probe at `size` can use within `usable` seconds (0 if none)."""
+    fixed = probe_seconds(size, dataclasses.replace(work, train=0), rates)
+    train_share = work.cached.get(size, (0.0, 0.0))[0]
+    per_image = ((1 - train_share) * (1 / rates.decode + 1 / rates.frozen[size])
+                 + fit_seconds(1, work))
+    return max(0, min(work.train, int((usable - fixed) / per_image)))
 
 
 def epoch_seconds(size: int, work: Workload, rates: Rates) -> float:
@@ -128,8 +157,8 @@ def epoch_seconds(size: int, work: Workload, rates: Rates) -> float:
 
 def finetune_seconds(size: int, epochs: int, work: Workload, rates: Rates) -> float:
     head = (work.head_fit + work.val) / rates.frozen[size]
-    return (_shared_seconds(size, work, rates) + head + epochs * epoch_seconds(size, work, rates)
-            + closing_seconds(size, work, rates))
+    return (_shared_seconds(size, work, rates) + head + fit_seconds(work.head_fit, work)
+            + epochs * epoch_seconds(size, work, rates) + closing_seconds(size, work, rates))
 
 
 def plan_budget(
@@ -173,26 +202,43 @@ def plan_budget(
         size = min(fitting)
         reason = f"no input leaves {MIN_GOOD_EPOCHS} epochs: the smallest, with the epochs that fit"
     else:
-        probes = [s for s in sizes if probe_seconds(s, work, rates) <= usable]
-        if not probes:
-            need = probe_seconds(sizes[0], work, rates) / 60
-            raise ConfigError(
-                f"the time budget leaves {seconds_left / 60:.1f} min, but even a linear probe at "
-                f"{sizes[0]} px needs about {need:.1f} min on this machine ({work.total} images)",
-                expected="a budget that fits at least the probe",
-                fix=f"pass --time-budget {math.ceil(need / PLAN_FRACTION + 1)} or more, or use fewer images",
-            )
-        size = max(probes)
-        why = "fine-tuning does not fit" if allow_finetune and max_epochs > 0 else "probe asked for"
-        return Plan("probe", size, 0, probe_seconds(size, work, rates),
-                    (work.val + work.test) / rates.frozen[size] + rates.convert_seconds + FIXED_SECONDS,
-                    f"{why}: the largest input whose probe fits", options)
+        return _plan_probe(seconds_left, work, rates, sizes, options,
+                           "fine-tuning does not fit" if allow_finetune and max_epochs > 0 else "probe asked for")
     epochs = fitting[size][1]
     # After the deadline: scoring the last (maybe partial) epoch on val, then the closing work.
     after_deadline = work.val / rates.frozen[size] + rates.convert_seconds + closing_seconds(size, work, rates)
     seconds = min(finetune_seconds(size, epochs, work, rates), usable)  # rounded up: the guard cuts the last epoch
     return Plan("finetune", size, epochs, seconds, after_deadline, reason,
                 options, search_seconds=work.val / rates.frozen[size] + search_seconds(size, work, rates))
+
+
+def _plan_probe(
+    seconds_left: float, work: Workload, rates: Rates, sizes: list[int], options: dict[str, float], why: str
+) -> Plan:
+    """The largest input whose probe fits; else the probe on the most train images that fit (a
+    stratified subset), at the size that allows the most (cached features count); else stop."""
+    usable = seconds_left * PLAN_FRACTION
+    probes = [s for s in sizes if probe_seconds(s, work, rates) <= usable]
+    if probes:
+        size = max(probes)
+        return Plan("probe", size, 0, probe_seconds(size, work, rates), FIXED_SECONDS,
+                    f"{why}: the largest input whose probe fits", options)
+    subsets = {s: probe_subset(s, work, rates, usable) for s in sizes}
+    size = max(sizes, key=lambda s: (subsets[s], s))
+    least = MIN_PROBE_IMAGES_PER_CLASS * max(work.classes, 2)
+    if subsets[size] < min(least, work.train):
+        need = probe_seconds(sizes[0], dataclasses.replace(work, train=min(least, work.train)), rates) / 60
+        raise ConfigError(
+            f"the time budget leaves {seconds_left / 60:.1f} min, but even a linear probe at {sizes[0]} px on "
+            f"{least} training images ({MIN_PROBE_IMAGES_PER_CLASS} per class) and the {work.val + work.test} "
+            f"val and test images needs about {need:.1f} min on this machine",
+            expected="a budget that fits at least that probe",
+            fix=f"pass --time-budget {math.ceil(need / PLAN_FRACTION + 1)} or more, or use fewer images",
+        )
+    part = dataclasses.replace(work, train=subsets[size])
+    return Plan("probe", size, 0, probe_seconds(size, part, rates), FIXED_SECONDS,
+                f"{why}, nor a probe on all {work.train} training images: a probe on the {subsets[size]} that fit",
+                options, train_images=subsets[size])
 
 
 def candidate_sizes(upper: int) -> list[int]:
@@ -313,19 +359,20 @@ def plan_run(
     upper_size: int,
     parallel: int = 1,
     clock: Callable[[], float] = time.perf_counter,
-) -> tuple[TrainConfig, float, float]:
+) -> tuple[TrainConfig, float, float, int | None]:
     """Measure, plan, log; returns the config with recipe, image_size and epochs set, the
-    deadline (a `clock()` value) by which fine-tuning must stop, and the one by which the
-    test-time size search must end.
+    deadline (a `clock()` value) by which fine-tuning must stop, the one by which the
+    test-time size search must end, and how many train images a probe should use (None = all).
+
+    With the feature cache on, features already cached at a size count as free for a probe there.
 
     `--image-size` limits the plan to that size, `--epochs` caps the epochs, `--recipe probe`
     rules out fine-tuning. `parallel` processes (torchrun) share the training steps and frozen
     passes: their measured rates, each taken while the others measure too, are multiplied by it.
     """
-    import dataclasses
-
     from imgclf.data.pipeline import Preprocessing
     from imgclf.progress import log
+    from imgclf.runtime import compute_dtype
 
     budget_s = 60.0 * (cfg.time_budget_minutes or 0.0)
     sizes = [cfg.image_size] if cfg.image_size else candidate_sizes(upper_size)
@@ -346,9 +393,16 @@ def plan_run(
     if parallel > 1:
         rates = dataclasses.replace(rates, train={s: r * parallel for s, r in rates.train.items()},
                                     frozen={s: r * parallel for s, r in rates.frozen.items()})
+    cached: dict[int, tuple[float, float]] = {}
+    if cfg.feature_cache:
+        from imgclf.training.feature_cache import cached_shares
+
+        cached = cached_shares(backbone, {s: prep_at(s) for s in sizes}, dataset,
+                               dtype=compute_dtype(device, cfg.precision))
     work = Workload(
         train=len(dataset.train), val=len(dataset.val), test=len(dataset.test) if dataset.test is not None else 0,
-        head_fit=min(len(dataset.train), cfg.head_fit_images),
+        head_fit=min(len(dataset.train), cfg.head_fit_images), features=backbone.num_features,
+        classes=len(dataset.classes), cached=cached,
     )
     seconds_left = budget_s - (clock() - started)
     max_epochs = cfg.epochs if cfg.epochs is not None else MAX_EPOCHS
@@ -356,9 +410,12 @@ def plan_run(
                        allow_finetune=cfg.recipe == "finetune")
     log(f"time budget {cfg.time_budget_minutes:g} min, {seconds_left:.0f} s left after measuring: "
         f"{plan.recipe} at {plan.image_size} px" + (f", {plan.epochs} epoch(s)" if plan.epochs else "")
+        + (f" on {plan.train_images} of {work.train} train images" if plan.train_images is not None else "")
+        + "".join(f"; cached features at {s} px: {a:.0%} of train, {b:.0%} of val and test"
+                  for s, (a, b) in cached.items() if a or b)
         + f", estimated {plan.seconds:.0f} s ({plan.reason}); measured train "
         + ", ".join(f"{s}: {rates.train[s]:.0f}" for s in sizes) + " img/s, frozen "
         + ", ".join(f"{s}: {rates.frozen[s]:.0f}" for s in sizes) + f" img/s, decode {rates.decode:.0f} img/s")
     deadline = started + budget_s - plan.closing_seconds
     planned = dataclasses.replace(cfg, recipe=plan.recipe, image_size=plan.image_size, epochs=plan.epochs)
-    return planned, deadline, deadline + plan.search_seconds
+    return planned, deadline, deadline + plan.search_seconds, plan.train_images

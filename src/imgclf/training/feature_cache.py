@@ -34,8 +34,9 @@ import torch
 from torch import nn
 
 from imgclf import distributed
+from imgclf.backbones import Backbone
 from imgclf.data.pipeline import ImageStore, Preprocessing, default_workers
-from imgclf.data.sources import ImageSet
+from imgclf.data.sources import Dataset, ImageSet
 from imgclf.progress import log, progress
 from imgclf.runtime import stream_outputs
 from imgclf.training.probe import ProbeResult, run_frozen
@@ -66,7 +67,9 @@ def weights_digest(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def model_key(*, backbone_name: str, module: nn.Module, prep: Preprocessing, dtype: torch.dtype) -> str:
+def model_key(
+    *, backbone_name: str, module: nn.Module, prep: Preprocessing, dtype: torch.dtype, weights: str | None = None
+) -> str:
     """The folder name for features of `module` under `prep`: changes when any of them changes.
 
     Example:
@@ -76,7 +79,8 @@ def model_key(*, backbone_name: str, module: nn.Module, prep: Preprocessing, dty
         32
     """
     parts = [
-        f"v{FORMAT_VERSION}", backbone_name, weights_digest(module), str(prep.image_size), prep.interpolation,
+        f"v{FORMAT_VERSION}", backbone_name, weights or weights_digest(module), str(prep.image_size),
+        prep.interpolation,
         ",".join(f"{v:.6g}" for v in prep.mean), ",".join(f"{v:.6g}" for v in prep.std), str(dtype),
     ]
     return hashlib.blake2b("|".join(parts).encode(), digest_size=DIGEST_BYTES).hexdigest()
@@ -127,8 +131,9 @@ class FeatureCache:
             return []
         return sorted(p for p in self.folder.iterdir() if p.name.endswith(SHARD_SUFFIX))
 
-    def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, torch.Tensor | None]:
-        """(found mask N, features of the found images in order, or None when none was found)."""
+    def lookup(self, keys: np.ndarray, *, features: bool = True) -> tuple[np.ndarray, torch.Tensor | None]:
+        """(found mask N, features of the found images in order, or None when none was found or
+        `features` is False: then only the keys are read)."""
         from safetensors import safe_open
 
         wanted: dict[bytes, list[int]] = {}  # a list: the same image may appear more than once
@@ -148,9 +153,12 @@ class FeatureCache:
                             if not found[i]]
                     if not hits:
                         continue
-                    features = file.get_tensor("features")
-                    if features.shape[0] != len(shard_keys):
-                        raise ValueError(f"{features.shape[0]} feature rows for {len(shard_keys)} keys")
+                    if not features:
+                        found[[i for _, i in hits]] = True
+                        continue
+                    stored = file.get_tensor("features")
+                    if stored.shape[0] != len(shard_keys):
+                        raise ValueError(f"{stored.shape[0]} feature rows for {len(shard_keys)} keys")
             except Exception as exc:  # a truncated or foreign file: recompute those images
                 log(f"warning: ignoring unreadable feature cache file {shard} ({type(exc).__name__}: {exc}); "
                     "its images are computed again")
@@ -159,7 +167,7 @@ class FeatureCache:
                 continue
             for j, i in hits:
                 if not found[i]:
-                    rows[i] = features[j]
+                    rows[i] = stored[j]
                     found[i] = True
         if not rows:
             return found, None
@@ -361,6 +369,36 @@ def cached_probe(
             partial.unlink(missing_ok=True)
             log(f"warning: could not write the probe head to the cache ({exc})")
     return result, False
+
+
+def cached_shares(
+    backbone: Backbone, preps: dict[int, Preprocessing], dataset: Dataset, *, dtype: torch.dtype,
+    root: Path | None = None,
+) -> dict[int, tuple[float, float]]:
+    """Size -> (share of train images, share of val and test images) whose features under that
+    size's preprocessing are in the cache: what a time budget can count as already done.
+
+    Example:
+        >>> cached_shares(backbone, {96: prep96, 160: prep160}, dataset, dtype=torch.float32)  # doctest: +SKIP
+        {96: (0.0, 0.0), 160: (1.0, 1.0)}
+    """
+    weights = weights_digest(backbone.model)
+    evaluation = [s for s in (dataset.val, dataset.test) if s is not None]
+    keys_train = content_keys(dataset.train)
+    keys_eval = np.concatenate([content_keys(s) for s in evaluation]) if evaluation else keys_train[:0]
+    shares: dict[int, tuple[float, float]] = {}
+    for size, prep in preps.items():
+        key = model_key(backbone_name=backbone.entry.timm_name, module=backbone.model, prep=prep, dtype=dtype,
+                        weights=weights)
+        cache = FeatureCache((root or feature_cache_dir()) / key)
+        if not cache.folder.is_dir():
+            shares[size] = (0.0, 0.0)
+            continue
+        found_train, _ = cache.lookup(keys_train, features=False)
+        found_eval, _ = cache.lookup(keys_eval, features=False)
+        shares[size] = (float(found_train.mean()) if len(found_train) else 1.0,
+                        float(found_eval.mean()) if len(found_eval) else 1.0)
+    return shares
 
 
 def cache_for(

@@ -185,12 +185,16 @@ def _train(cfg: TrainConfig, out: Path) -> Model:
             upper = choose_image_size(int(backbone.data_config["input_size"][-1]),
                                       median_short_side(dataset.train, seed=cfg.seed), "probe", device)
             # Every rank measures (the cores are shared as in the run); all follow rank 0's plan.
-            cfg, budget_deadline, search_end = distributed.rank0_result(
+            cfg, budget_deadline, search_end, probe_images = distributed.rank0_result(
                 lambda: plan_run(cfg, backbone, dataset, device=device, dtype=dtype, started=started,
                                  upper_size=upper, parallel=distributed.world_size()),
                 everywhere=True,
             )
             deadline = min(deadline or float("inf"), budget_deadline)
+            if probe_images is not None:  # the budget fits a probe on part of train only
+                _, kept = stratified_split(dataset.train.labels, probe_images / len(dataset.train), cfg.seed)
+                dataset = dataclasses.replace(dataset, train=dataset.train.subset(np.sort(kept)))
+                log(f"time budget: the probe uses {len(dataset.train)} training images, a stratified subset")
         prep = _preprocessing(backbone, dataset, cfg, device)
     log(f"backbone: {cfg.backbone}, {backbone.num_features} features, weights: {backbone.weights_source}")
     log(f"input: {prep.image_size} px, {prep.interpolation}, mean {prep.mean}, std {prep.std}; "
