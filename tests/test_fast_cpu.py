@@ -482,3 +482,39 @@ def test_cached_shares_count_the_features_already_stored(tmp_path: Path) -> None
                     batch_size=4, desc="f")
     shares = cached_shares(backbone, {32: prep_32, 40: prep_40}, dataset, dtype=torch.float32, root=root)
     assert shares == {32: (0.5, 1.0), 40: (0.0, 0.0)}
+
+
+def test_a_kept_openvino_conversion_is_read_back_on_the_next_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ov = pytest.importorskip("openvino")
+    from imgclf.backbones import create_backbone
+    from imgclf.runtime import FrozenForward
+
+    monkeypatch.setenv("IMGCLF_CACHE", str(tmp_path / "cache"))
+    net = create_backbone(TINY_BACKBONE, random_init=True).model
+    batch = normalize(torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8), PREP)
+    FrozenForward(net, image_size=32, runtime="openvino")  # not kept: nothing written
+    assert not (tmp_path / "cache" / "openvino").exists()
+    first = FrozenForward(net, image_size=32, runtime="openvino", keep_converted=True)(batch)
+    kept = list((tmp_path / "cache" / "openvino").glob("*.xml"))
+    assert len(kept) == 1 and kept[0].with_suffix(".bin").is_file()
+    real_convert = ov.convert_model
+
+    def no_conversion(*args: object, **kwargs: object) -> None:
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(ov, "convert_model", no_conversion)
+    again = FrozenForward(net, image_size=32, runtime="openvino", keep_converted=True)(batch)
+    assert torch.allclose(again, first, atol=1e-6)
+    # Other weights are another network.
+    other = create_backbone(TINY_BACKBONE, random_init=True).model
+    with pytest.raises(AssertionError, match="converted again"):
+        FrozenForward(other, image_size=32, runtime="openvino", keep_converted=True)
+    # A damaged file is reported and replaced.
+    monkeypatch.setattr(ov, "convert_model", real_convert)
+    kept[0].write_text("<not a network")
+    repaired = FrozenForward(net, image_size=32, runtime="openvino", keep_converted=True)(batch)
+    assert "ignoring the unreadable converted network" in capsys.readouterr().err
+    assert torch.allclose(repaired, first, atol=1e-6)
+    assert list((tmp_path / "cache" / "openvino").glob("*.xml")) == kept  # rewritten in place

@@ -153,7 +153,8 @@ class Model:
         key = (runtime, precision)
         if self._forward is None or self._forward_key != key:
             self._forward = FrozenForward(
-                self.module, image_size=self.preprocessing.image_size, precision=precision, runtime=runtime
+                self.module, image_size=self.preprocessing.image_size, precision=precision, runtime=runtime,
+                keep_converted=True,
             )
             self._forward_key = key
         return self._forward

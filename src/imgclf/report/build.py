@@ -150,7 +150,7 @@ def build_report(
         val, scored = given["val"], given[split]
     else:
         forward = FrozenForward(model.module, image_size=model.preprocessing.image_size,
-                                device=pick_device(device), runtime=runtime)
+                                device=pick_device(device), runtime=runtime, keep_converted=True)
         try:
             val = collect_predictions(forward, stores["val"], batch_size=batch_size, tta=tta and split == "val",
                                       desc="report val")

@@ -8,10 +8,13 @@ the report included. Two parts:
    for lite0 on 2 cores) give seconds per image, interpolated linearly in pixels for the sizes
    between. The rule, with `seconds_left` = 95% of the budget minus what has already run:
    - fine-tuning at size S for E epochs costs: decode all images + convert the frozen network +
-     head features (head-fit images + val) + E x (train / train_rate + val / frozen_rate + a
-     conversion) + the test-time size search (a val pass per larger candidate, see
-     training/eval_size.py) + the closing predictions and report (val + test, twice: final scores
-     and report, at up to the largest candidate size);
+     head features (head-fit images + val) and the head's fit + E x (train / train_rate + val /
+     frozen_rate + a conversion) + the test-time size search (a val pass per larger candidate, see
+     training/eval_size.py) + scoring val and test once at up to the largest candidate size (the
+     report reuses those scores);
+   - a probe at size S costs: decoding and features of the images whose features are not in the
+     feature cache yet (`Workload.cached`), the logistic-regression fit (`FIT_SECONDS_PER_UNIT`
+     per train image x feature x class), saving and the report;
    - fine-tuning is possible at a size when half an epoch fits (`MIN_FIT_EPOCHS`); the epochs
      that fit are rounded to the nearest whole number, at least 1: when rounded up, the guard
      below ends the last epoch at the deadline;
@@ -19,6 +22,8 @@ the report included. Two parts:
      many epochs as fit, at most `max_epochs` (early stopping usually ends sooner);
    - else the smallest size with as many epochs (1 or 2) as fit;
    - else the linear probe at the largest size whose probe fits;
+   - else the probe on a stratified subset of the train images, as many as fit (at the size that
+     allows the most), when that is at least `MIN_PROBE_IMAGES_PER_CLASS` per class;
    - else stop before any work, with the estimate (`ConfigError`).
 2. **A guard** at run time (`finetune.fit` in budget mode): the fine-tuning deadline is the
    budget's end minus the estimated closing work. Training steps stop mid-epoch when the deadline
