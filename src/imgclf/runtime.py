@@ -128,7 +128,6 @@ class FrozenForward:
         self._openvino: _OpenVINONetwork | None = None
         if runtime == "openvino":
             self._openvino = _OpenVINONetwork(self.module, image_size, self.dtype, keep=keep_converted)
-            self._compiled = self._openvino.runner(None)
         elif runtime == "onnx":
             self._compiled = _onnx_runner(self.module, image_size)
         elif runtime != "torch":
@@ -138,9 +137,11 @@ class FrozenForward:
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         """Normalised float N x 3 x S x S -> float32 outputs on the CPU."""
-        if self._compiled is not None:
+        # OpenVINO compiles its float-input network on the first call (`stream` needs only the uint8 one).
+        compiled = self._openvino.runner(None) if self._openvino is not None else self._compiled
+        if compiled is not None:
             array = np.ascontiguousarray(batch.float().numpy())
-            return torch.from_numpy(np.asarray(self._compiled(array), dtype=np.float32))
+            return torch.from_numpy(np.asarray(compiled(array), dtype=np.float32))
         with torch.inference_mode(), autocast(self.device, self.dtype):
             x = batch.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             return self.module(x).float().cpu()
@@ -212,10 +213,20 @@ def weights_digest(module: nn.Module) -> str:
     """
     digest = hashlib.blake2b(digest_size=16)
     for name, tensor in sorted(module.state_dict().items()):
-        flat = tensor.detach().cpu().contiguous().reshape(-1)
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
-        digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+        hash_tensor(digest, tensor, name)
     return digest.hexdigest()
+
+
+def hash_tensor(digest: Any, tensor: torch.Tensor, label: str = "") -> None:
+    """Add `label`, `tensor`'s shape and dtype, and its bytes to a hashlib `digest`.
+
+    Example:
+        >>> digest = hashlib.blake2b(digest_size=16)
+        >>> hash_tensor(digest, torch.zeros(2), "bias")
+    """
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    digest.update(f"{label}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+    digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
 
 
 def _converted_network(module: nn.Module, image_size: int, *, keep: bool) -> Any:

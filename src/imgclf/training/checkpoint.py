@@ -48,7 +48,8 @@ TRASH_PREFIX = ".trash-"
 # Options that may differ between a run and its resumption: they change where and how fast it
 # runs, not what it computes.
 RESUMABLE_CHANGES = frozenset(
-    {"out", "device", "workers", "memory_fraction", "resume", "tensorboard", "checkpoint_minutes", "compile"}
+    {"out", "device", "workers", "memory_fraction", "resume", "tensorboard", "checkpoint_minutes", "compile",
+     "scan_cache"}
 )
 # Test hook: seconds to sleep in the middle of every checkpoint write, so a test can kill it there.
 PAUSE_ENV = "IMGCLF_TEST_CHECKPOINT_PAUSE"

@@ -42,7 +42,7 @@ from imgclf.backbones import Backbone
 from imgclf.data.pipeline import ImageStore, Preprocessing, default_workers
 from imgclf.data.sources import Dataset, ImageSet
 from imgclf.progress import log, progress
-from imgclf.runtime import stream_outputs, weights_digest
+from imgclf.runtime import hash_tensor, stream_outputs, weights_digest
 from imgclf.training.probe import ProbeResult, run_frozen
 
 FORMAT_VERSION = 2  # bump when the meaning of a stored feature or key changes (2: SHA-256 content keys)
@@ -327,10 +327,8 @@ def cached_probe(
     for tensor in inputs:
         if tensor is None:
             digest.update(b"none;")
-            continue
-        flat = tensor.detach().cpu().contiguous()
-        digest.update(f"{tuple(flat.shape)}{flat.dtype};".encode())
-        digest.update(flat.reshape(-1).view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+        else:
+            hash_tensor(digest, tensor)
     file = cache.folder / "heads" / f"{digest.hexdigest()}{SHARD_SUFFIX}"
     if file.is_file():
         try:
