@@ -54,8 +54,8 @@ class Preprocessing:
         )
 
 
-def image_to_tensor(img: Image.Image, size: int, interpolation: str = "bicubic") -> torch.Tensor:
-    """Resize the shorter side to `size`, centre-crop a square; return uint8 3 x size x size."""
+def image_to_array(img: Image.Image, size: int, interpolation: str = "bicubic") -> np.ndarray:
+    """Resize the shorter side to `size`, centre-crop a square; return uint8 size x size x 3 (read-only)."""
     width, height = img.size
     scale = size / min(width, height)
     new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
@@ -63,10 +63,26 @@ def image_to_tensor(img: Image.Image, size: int, interpolation: str = "bicubic")
         resample = INTERPOLATIONS.get(interpolation, Image.Resampling.BICUBIC)
         # reducing_gap makes large downscales several times faster at no visible cost.
         img = img.resize((new_w, new_h), resample, reducing_gap=3.0)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    img = img.crop((left, top, left + size, top + size))
-    array = np.asarray(img, dtype=np.uint8)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+    if (new_w, new_h) != (size, size):  # a crop copies the pixels: only when there is something to cut
+        left, top = (new_w - size) // 2, (new_h - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+    return np.asarray(img, dtype=np.uint8)
+
+
+def image_to_tensor(img: Image.Image, size: int, interpolation: str = "bicubic") -> torch.Tensor:
+    """`image_to_array` as a uint8 3 x size x size tensor."""
+    return torch.from_numpy(image_to_array(img, size, interpolation).copy()).permute(2, 0, 1)
+
+
+def channels_last_uint8(count: int, size: int) -> tuple[torch.Tensor, np.ndarray]:
+    """An uninitialised uint8 batch: (N x 3 x S x S tensor in channels_last memory, its N x S x S x 3 array).
+
+    Decoded images are written straight into the array's rows (HWC, as Pillow lays them out), so
+    a batch costs one allocation and one copy per image; `normalize` and the frozen runtimes take
+    channels_last input as it is.
+    """
+    array = np.empty((count, size, size, 3), dtype=np.uint8)
+    return torch.from_numpy(array).permute(0, 3, 1, 2), array
 
 
 def normalize(batch: torch.Tensor, prep: Preprocessing, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -110,16 +126,15 @@ class ImageStore:
         self.in_memory = needed <= memory_budget
         self._tensor: torch.Tensor | None = None
         if self.in_memory:
-            tensor = torch.empty((len(images), 3, size, size), dtype=torch.uint8)
+            tensor, rows = channels_last_uint8(len(images), size)
             ok = np.ones(len(images), dtype=bool)
             bar = progress(total=len(images), desc=description, unit="img")
             with ThreadPoolExecutor(self.workers) as pool:
-                for i, result in enumerate(pool.map(lambda j: self._decode(images, j), range(len(images)))):
-                    if isinstance(result, UnreadableImageError):
+                decoded = pool.map(lambda j: self._decode_into(images, j, rows[j]), range(len(images)))
+                for i, error in enumerate(decoded):
+                    if error is not None:
                         ok[i] = False
-                        self.failed.append((images.paths[i], result.reason))
-                    else:
-                        tensor[i] = result
+                        self.failed.append((images.paths[i], error.reason))
                     bar.update(1)
             bar.close()
             keep = np.flatnonzero(ok)
@@ -133,18 +148,20 @@ class ImageStore:
         return len(self.images)
 
     def in_memory_tensor(self) -> torch.Tensor | None:
-        """All decoded images as one uint8 N x 3 x S x S tensor, or None when they are streamed."""
+        """All decoded images as one uint8 N x 3 x S x S tensor (channels_last), or None when they are streamed."""
         return self._tensor
 
-    def _decode(self, images: ImageSet, index: int) -> torch.Tensor | UnreadableImageError:
+    def _decode_into(self, images: ImageSet, index: int, row: np.ndarray) -> UnreadableImageError | None:
+        """Decode image `index` into `row` (S x S x 3 uint8); the error instead if it cannot be read."""
         try:
             img = images.load(index, draft_size=self.prep.image_size)
         except UnreadableImageError as exc:
             return exc
-        return image_to_tensor(img, self.prep.image_size, self.prep.interpolation)
+        np.copyto(row, image_to_array(img, self.prep.image_size, self.prep.interpolation))
+        return None
 
     def batch(self, indices: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
-        """(decoded indices, uint8 images) for `indices`, positions in this store.
+        """(decoded indices, uint8 images in channels_last memory) for `indices`, positions in this store.
 
         In streaming mode an unreadable image is left out of the batch and added to `failed`.
         """
@@ -152,15 +169,20 @@ class ImageStore:
         if self._tensor is not None:
             return indices, self._tensor[torch.from_numpy(indices)]
         with ThreadPoolExecutor(self.workers) as pool:
-            results = list(pool.map(lambda j: self._decode(self.images, int(j)), indices))
-        kept = [i for i, r in zip(indices, results, strict=False) if not isinstance(r, UnreadableImageError)]
-        for i, r in zip(indices, results, strict=False):
-            if isinstance(r, UnreadableImageError):
-                self.failed.append((self.images.paths[i], r.reason))
-        tensors = [r for r in results if not isinstance(r, UnreadableImageError)]
-        size = self.prep.image_size
-        empty = torch.empty((0, 3, size, size), dtype=torch.uint8)
-        return np.asarray(kept, dtype=np.int64), torch.stack(tensors) if tensors else empty
+            return self._decode_batch(indices, pool)
+
+    def _decode_batch(self, indices: np.ndarray, pool: ThreadPoolExecutor) -> tuple[np.ndarray, torch.Tensor]:
+        """Streaming mode's `batch`, decoded by `pool` straight into one channels_last buffer."""
+        indices = np.asarray(indices, dtype=np.int64)
+        batch, rows = channels_last_uint8(len(indices), self.prep.image_size)
+        errors = list(pool.map(lambda k: self._decode_into(self.images, int(indices[k]), rows[k]), range(len(indices))))
+        ok = np.array([error is None for error in errors], dtype=bool)
+        for i, error in zip(indices, errors, strict=True):
+            if error is not None:
+                self.failed.append((self.images.paths[i], error.reason))
+        if ok.all():
+            return indices, batch
+        return indices[ok], batch[torch.from_numpy(np.flatnonzero(ok))]
 
     def batches(self, order: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         """Yield (indices, uint8 batch) over `order`; streaming mode decodes one batch ahead."""
@@ -173,8 +195,9 @@ class ImageStore:
 
         def produce() -> None:
             try:
-                for chunk in chunks:
-                    ready.put(self.batch(chunk))
+                with ThreadPoolExecutor(self.workers) as pool:  # one pool for all the batches
+                    for chunk in chunks:
+                        ready.put(self._decode_batch(chunk, pool))
             except BaseException as exc:  # handed to the consumer, which re-raises it
                 ready.put(exc)
                 return
