@@ -12,6 +12,10 @@ Not a test: at full size it takes about 10 minutes. It unzips ../shared/data/cif
    log ("features train: 0 from the feature cache, 45000 computed in S s (R img/s)").
 3. The bare OpenVINO figure again (the machine's speed drifts; both are shown).
 4. **Second run**: the same command; its scan, features and head come from the caches.
+5. **Interleaved** (`--rounds`, default 5): in one process, on one compiled network, the bare
+   streamed forward on in-memory batches, then the probe's extraction path (`run_frozen` over
+   an `ImageStore` streaming a block of the JPEGs from disk), then the bare forward again, per
+   round. The ratio of each round cancels most of this VM's drift (14% within minutes).
 
 Prints a table. Record the figures in BENCHMARKS.md with the command, machine and date.
 
@@ -35,6 +39,7 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -42,8 +47,10 @@ from cifar10 import CACHE, ensure_data  # noqa: E402
 from cpu_time_to_accuracy import small_copy  # noqa: E402
 
 from imgclf.backbones import create_backbone  # noqa: E402
-from imgclf.data.pipeline import Preprocessing, normalize  # noqa: E402
-from imgclf.runtime import FrozenForward  # noqa: E402
+from imgclf.data.pipeline import ImageStore, Preprocessing, normalize  # noqa: E402
+from imgclf.data.sources import load_dataset  # noqa: E402
+from imgclf.runtime import FrozenForward, limit_heap_growth  # noqa: E402
+from imgclf.training.probe import run_frozen  # noqa: E402
 
 FEATURES_LINE = re.compile(r"features (\w+): (\d+) from the feature cache, (\d+) computed in ([\d.]+) s")
 
@@ -89,6 +96,37 @@ def bare_rates(backbone: str, size: int, batch: int, batches: int) -> dict[str, 
     return rates
 
 
+def interleaved(backbone: str, size: int, data: Path, rounds: int, block: int) -> list[tuple[float, float, float]]:
+    """Per round: (bare img/s, extraction img/s, bare img/s), as described in the module docstring."""
+    limit_heap_growth()  # as `imgclf train` does
+    built = create_backbone(backbone)
+    config = built.data_config
+    prep = Preprocessing(size, tuple(config["mean"]), tuple(config["std"]))  # type: ignore[arg-type]
+    forward = FrozenForward(built.model.eval(), image_size=size, runtime="openvino", precision="fp32")
+    images = torch.randint(0, 256, (64, 3, size, size), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    train = load_dataset(str(data)).train
+    block = min(block, len(train) // rounds)
+
+    def bare() -> float:
+        start = time.perf_counter()
+        for _ in forward.stream(((None, images) for _ in range(block // 64)), prep):
+            pass
+        return block // 64 * 64 / (time.perf_counter() - start)
+
+    bare()  # warm-up, compilation
+    results = []
+    for r in range(rounds):
+        before = bare()
+        store = ImageStore(train.subset(np.arange(r * block, (r + 1) * block)), prep, memory_budget=0)
+        start = time.perf_counter()
+        outputs, _, _ = run_frozen(forward, store, batch_size=64, desc="extract")
+        extraction = len(outputs) / (time.perf_counter() - start)
+        results.append((before, extraction, bare()))
+        print(f"round {r + 1}: bare {before:.1f}, extraction {extraction:.1f}, bare {results[-1][2]:.1f} img/s",
+              flush=True)
+    return results
+
+
 def run_train(data: Path, out: Path, cache: Path) -> tuple[float, dict[str, tuple[int, float]]]:
     """Wall seconds of `imgclf train DATA --recipe probe`, and per split (computed, seconds)."""
     shutil.rmtree(out, ignore_errors=True)
@@ -107,9 +145,19 @@ def main() -> None:
     parser.add_argument("--backbone", default="tf_efficientnet_lite0")
     parser.add_argument("--size", type=int, default=160, help="the probe's input size on CIFAR-10 (32 px x 5)")
     parser.add_argument("--batches", type=int, default=20, help="batches of 64 per bare measurement")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (0 = none)")
+    parser.add_argument("--block", type=int, default=3200, help="images per interleaved extraction")
+    parser.add_argument("--interleaved-only", action="store_true", help="skip the two train runs")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     data = ensure_data() if not args.per_class else small_copy(ensure_data(), args.per_class)
+    header = (f"\n{args.backbone} at {args.size} px, batch 64, {platform.processor() or platform.machine()}, "
+              f"{os.cpu_count()} cores, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}")
+    rounds = interleaved(args.backbone, args.size, data, args.rounds, args.block) if args.rounds else []
+    if args.interleaved_only:
+        print(header)
+        print_interleaved(rounds)
+        return
     before = bare_rates(args.backbone, args.size, 64, args.batches)
     work = Path(tempfile.mkdtemp(prefix="probe-speed-", dir=CACHE))
     try:
@@ -122,8 +170,7 @@ def main() -> None:
     images = sum(n for n, _ in extraction.values())
     seconds = sum(s for _, s in extraction.values())
     rate = images / seconds if seconds else float("nan")
-    print(f"\n{args.backbone} at {args.size} px, batch 64, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}")
+    print(header)
     print("| measurement | before the runs | after the first run |")
     print("| --- | --- | --- |")
     for name in before:
@@ -139,6 +186,19 @@ def main() -> None:
     print("| --- | --- | --- |")
     print(f"| first (empty caches; peak memory {peak_mb:.0f} MB) | {first:.1f} | 1.00 |")
     print(f"| second (same data, caches filled) | {second:.1f} | {second / first:.3f} |")
+    print_interleaved(rounds)
+
+
+def print_interleaved(rounds: list[tuple[float, float, float]]) -> None:
+    if not rounds:
+        return
+    print("\n| interleaved round | bare before | extraction | bare after | extraction / mean bare |")
+    print("| --- | --- | --- | --- | --- |")
+    ratios = []
+    for r, (before, extraction, after) in enumerate(rounds, start=1):
+        ratios.append(extraction / ((before + after) / 2))
+        print(f"| {r} | {before:.1f} img/s | {extraction:.1f} img/s | {after:.1f} img/s | {ratios[-1]:.3f} |")
+    print(f"| median | | | | **{float(np.median(ratios)):.3f}** |")
 
 
 if __name__ == "__main__":
