@@ -55,7 +55,7 @@ class Preprocessing:
 
 
 def image_to_array(img: Image.Image, size: int, interpolation: str = "bicubic") -> np.ndarray:
-    """Resize the shorter side to `size`, centre-crop a square; return uint8 size x size x 3 (read-only)."""
+    """Resize the shorter side to `size`, centre-crop a square; return uint8 size x size x 3 (may be read-only)."""
     width, height = img.size
     scale = size / min(width, height)
     new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
