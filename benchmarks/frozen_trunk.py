@@ -129,14 +129,15 @@ def main() -> None:
     for row in args.rows:
         size, cut, epochs = (int(v) for v in row.split(":"))
         results.append((size, cut, epochs, run(backbone, data, size, cut, epochs)))
-        print(row, results[-1], flush=True)
+        print(f"{row}: test accuracy {results[-1][3]['accuracy']:.4f} in {results[-1][3]['total']:.0f} s", flush=True)
     print(f"\ntf_efficientnet_lite0, 10,000 train / 2,000 test CIFAR-10 images, {platform.machine()}, "
           f"torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}")
     print("| input | frozen stages | epochs | trunk outputs | training | train img/s | test accuracy | wall |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for size, cut, epochs, r in results:
-        frozen = f"stem + {cut} (stored)" if cut else "none"
-        print(f"| {size} px | {frozen} | {epochs} | {r['extract']:.0f} s | {r['train']:.0f} s | {r['rate']:.0f} | "
+        frozen = f"stem + stages 0-{cut - 1} (stored)" if cut else "none"
+        extract = f"{r['extract']:.0f} s" if cut else "-"
+        print(f"| {size} px | {frozen} | {epochs} | {extract} | {r['train']:.0f} s | {r['rate']:.0f} | "
               f"{r['accuracy']:.4f} | {r['total']:.0f} s |")
 
 
