@@ -157,7 +157,8 @@ class FrozenForward:
         # N x S x S x 3 input (the network transposes it): ImageStore's batches are channels_last,
         # so their memory goes in as it is; other batches are copied into that layout.
         runner = self._openvino.runner(prep)
-        arrays = ((indices, batch.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).numpy())
+        arrays = ((indices, np.ascontiguousarray(batch.contiguous(memory_format=torch.channels_last)
+                                                 .permute(0, 2, 3, 1).numpy()))  # a no-op copy-wise
                   for indices, batch in batches)
         for indices, out in runner.pipelined(arrays):
             yield indices, torch.from_numpy(out)
