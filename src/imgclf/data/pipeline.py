@@ -175,7 +175,14 @@ class ImageStore:
         """Streaming mode's `batch`, decoded by `pool` straight into one channels_last buffer."""
         indices = np.asarray(indices, dtype=np.int64)
         batch, rows = channels_last_uint8(len(indices), self.prep.image_size)
-        errors = list(pool.map(lambda k: self._decode_into(self.images, int(indices[k]), rows[k]), range(len(indices))))
+        # One task per thread, not one per image: with a future per image, handing the work out cost
+        # more CPU than decoding a small image (CIFAR at 160 px, 1 thread: 0.80-1.12 -> 0.63-0.70 ms).
+        parts = [part for part in np.array_split(np.arange(len(indices)), self.workers) if len(part)]
+
+        def decode(part: np.ndarray) -> list[UnreadableImageError | None]:
+            return [self._decode_into(self.images, int(indices[k]), rows[k]) for k in part]
+
+        errors = [error for done in pool.map(decode, parts) for error in done]
         ok = np.array([error is None for error in errors], dtype=bool)
         for i, error in zip(indices, errors, strict=True):
             if error is not None:
