@@ -158,7 +158,7 @@ class FrozenForward:
         # so their memory goes in as it is; other batches are copied into that layout.
         runner = self._openvino.runner(prep)
         arrays = ((indices, np.ascontiguousarray(batch.contiguous(memory_format=torch.channels_last)
-                                                 .permute(0, 2, 3, 1).numpy()))  # a no-op copy-wise
+                                                 .permute(0, 2, 3, 1).numpy()))  # no copy when channels_last
                   for indices, batch in batches)
         for indices, out in runner.pipelined(arrays):
             yield indices, torch.from_numpy(out)
