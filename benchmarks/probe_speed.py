@@ -49,18 +49,22 @@ from cpu_time_to_accuracy import small_copy  # noqa: E402
 from imgclf.backbones import create_backbone  # noqa: E402
 from imgclf.data.pipeline import ImageStore, Preprocessing, normalize  # noqa: E402
 from imgclf.data.sources import load_dataset  # noqa: E402
-from imgclf.runtime import FrozenForward, limit_heap_growth  # noqa: E402
+from imgclf.runtime import FrozenForward  # noqa: E402
 from imgclf.training.probe import run_frozen  # noqa: E402
 
 FEATURES_LINE = re.compile(r"features (\w+): (\d+) from the feature cache, (\d+) computed in ([\d.]+) s")
 
 
+def network_and_prep(backbone: str, size: int) -> tuple[torch.nn.Module, Preprocessing]:
+    """The pretrained headless backbone in eval mode, and its normalisation at `size`."""
+    built = create_backbone(backbone)
+    config = built.data_config
+    return built.model.eval(), Preprocessing(size, tuple(config["mean"]), tuple(config["std"]))  # type: ignore[arg-type]
+
+
 def bare_rates(backbone: str, size: int, batch: int, batches: int) -> dict[str, float]:
     """Images/s of each runtime on uint8 batches held in memory (normalisation counted)."""
-    built = create_backbone(backbone)
-    net = built.model.eval()
-    config = built.data_config
-    prep = Preprocessing(size, tuple(config["mean"]), tuple(config["std"]))  # type: ignore[arg-type]
+    net, prep = network_and_prep(backbone, size)
     images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
     rates: dict[str, float] = {}
 
@@ -98,11 +102,8 @@ def bare_rates(backbone: str, size: int, batch: int, batches: int) -> dict[str, 
 
 def interleaved(backbone: str, size: int, data: Path, rounds: int, block: int) -> list[tuple[float, float, float]]:
     """Per round: (bare img/s, extraction img/s, bare img/s), as described in the module docstring."""
-    limit_heap_growth()  # as `imgclf train` does
-    built = create_backbone(backbone)
-    config = built.data_config
-    prep = Preprocessing(size, tuple(config["mean"]), tuple(config["std"]))  # type: ignore[arg-type]
-    forward = FrozenForward(built.model.eval(), image_size=size, runtime="openvino", precision="fp32")
+    net, prep = network_and_prep(backbone, size)
+    forward = FrozenForward(net, image_size=size, runtime="openvino", precision="fp32")  # limits heap growth too
     images = torch.randint(0, 256, (64, 3, size, size), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
     train = load_dataset(str(data)).train
     block = min(block, len(train) // rounds)
