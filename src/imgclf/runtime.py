@@ -15,9 +15,8 @@ import contextlib
 import ctypes
 import ctypes.util
 import hashlib
-import os
 import platform
-import uuid
+import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from functools import cache
@@ -31,6 +30,7 @@ from torch import nn
 from imgclf.data.pipeline import Preprocessing, normalize
 from imgclf.distributed import openvino_properties
 from imgclf.errors import ConfigError
+from imgclf.files import TEMP_PREFIX, cache_dir, move_into_place, weights_digest
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -210,34 +210,6 @@ def limit_heap_growth() -> None:
         return
 
 
-def weights_digest(module: nn.Module) -> str:
-    """Hash of every parameter and buffer of `module` (names, shapes, dtypes and bytes).
-
-    Hashing all the bytes is cheap next to one forward pass over a dataset: about 20 ms for lite0
-    (19 MB) and well under a second for VGG19 (550 MB).
-
-    Example:
-        >>> weights_digest(nn.Linear(2, 2)) == weights_digest(nn.Linear(2, 2))  # random inits differ
-        False
-    """
-    digest = hashlib.blake2b(digest_size=16)
-    for name, tensor in sorted(module.state_dict().items()):
-        hash_tensor(digest, tensor, name)
-    return digest.hexdigest()
-
-
-def hash_tensor(digest: Any, tensor: torch.Tensor, label: str = "") -> None:
-    """Add `label`, `tensor`'s shape and dtype, and its bytes to a hashlib `digest`.
-
-    Example:
-        >>> digest = hashlib.blake2b(digest_size=16)
-        >>> hash_tensor(digest, torch.zeros(2), "bias")
-    """
-    flat = tensor.detach().cpu().contiguous().reshape(-1)
-    digest.update(f"{label}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
-    digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
-
-
 def _converted_network(module: nn.Module, image_size: int, *, keep: bool) -> Any:
     """`module` as an OpenVINO model taking N x 3 x S x S; with `keep`, converted once and kept on disk.
 
@@ -266,15 +238,16 @@ def _converted_network(module: nn.Module, image_size: int, *, keep: bool) -> Any
     model.reshape({0: ov.PartialShape([-1, 3, image_size, image_size])})
     if xml is None:
         return model
-    partial = xml.with_name(f".{uuid.uuid4().hex}.partial.xml")
     try:
         xml.parent.mkdir(parents=True, exist_ok=True)
-        ov.save_model(model, str(partial), compress_to_fp16=False)
-        os.replace(partial.with_suffix(".bin"), xml.with_suffix(".bin"))
-        os.replace(partial, xml)  # the .xml last: where it exists, its .bin is whole
+        # save_model writes the pair; staged in a temporary folder, each file is moved into place.
+        # Not flushed to disk: a pair lost in a crash is only converted again.
+        with tempfile.TemporaryDirectory(prefix=TEMP_PREFIX, dir=xml.parent) as folder:
+            staged = Path(folder) / xml.name
+            ov.save_model(model, str(staged), compress_to_fp16=False)
+            move_into_place(staged.with_suffix(".bin"), xml.with_suffix(".bin"), durable=False)
+            move_into_place(staged, xml, durable=False)  # the .xml last: where it exists, its .bin is whole
     except Exception as exc:  # a full or read-only disk: the run goes on without the file
-        for leftover in (partial, partial.with_suffix(".bin")):
-            leftover.unlink(missing_ok=True)
         log(f"warning: could not keep the converted network in {xml.parent} ({exc})")
     return model
 
@@ -284,7 +257,6 @@ def _converted_path(module: nn.Module, image_size: int) -> Path:
     import openvino as ov
 
     from imgclf import __version__
-    from imgclf.data.cifar import cache_dir
 
     versions = f"imgclf {__version__}, openvino {ov.get_version()}, torch {torch.__version__}"
     key = hashlib.blake2b(f"{versions}|{image_size}|{weights_digest(module)}|{module!r}".encode(), digest_size=16)
@@ -372,9 +344,6 @@ class _OpenVINORunner:
 
 def _onnx_runner(module: nn.Module, image_size: int) -> Callable[[np.ndarray], np.ndarray]:
     """Convert `module` to ONNX in memory; returns a function from input to first output."""
-    import tempfile
-    from pathlib import Path
-
     from imgclf.export import module_to_onnx, onnx_session
 
     with tempfile.TemporaryDirectory(prefix="imgclf-onnx-") as folder:

@@ -25,7 +25,6 @@ File policy (the same one training uses, via `imgclf.data.sources`):
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
@@ -49,15 +48,14 @@ from imgclf.data.sources import (
     read_manifest,
 )
 from imgclf.errors import DataError
+from imgclf.files import DIGEST_BYTES, file_sha256
 from imgclf.progress import log, progress
 
 NEAR_BITS = 5  # near duplicates: dHashes differ in at most this many of their 64 bits ...
 NEAR_COLOUR = 8.0  # ... and their 4 x 4 colour thumbnails by at most this mean (0..255 levels)
 IMBALANCE_RATIO = 3.0  # largest / smallest class at or above this is reported as imbalanced
 HASH_SIDE = 64  # px: JPEGs are decoded at reduced scale down to this for hashing (draft mode)
-_CHUNK = 1 << 20  # bytes read at a time for the content hash
 _MAX_LISTED = 20  # text report: at most this many entries per list (JSON has them all)
-DIGEST_BYTES = 16  # ImageSet.digests: a SHA-256 prefix, the feature cache's content key
 
 
 @dataclass(frozen=True)
@@ -206,15 +204,10 @@ def scan_file(entry: Entry) -> FileResult:
     result.size, result.format, result.mode = decoded.size, decoded.format, decoded.mode
     result.animated, result.exif_rotated = decoded.animated, decoded.exif_rotated
     result.dhash, result.thumb = perceptual_hash(decoded.image)
-    digest = hashlib.sha256()
     try:
-        with open(entry.path, "rb") as handle:
-            while chunk := handle.read(_CHUNK):
-                digest.update(chunk)
+        result.sha256 = file_sha256(entry.path).hex()
     except OSError as exc:  # removed or unreadable between decoding and hashing
         result.reason = f"cannot read file: {exc.strerror or exc}"
-        return result
-    result.sha256 = digest.hexdigest()
     return result
 
 

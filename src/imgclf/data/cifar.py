@@ -9,7 +9,6 @@ there (for example copied from another machine) is used as it is, without a down
 
 from __future__ import annotations
 
-import os
 import pickle
 import tarfile
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ import numpy as np
 
 from imgclf.data.sources import ImageSet
 from imgclf.errors import DataError
+from imgclf.files import cache_dir
 
 
 @dataclass(frozen=True)
@@ -60,11 +60,6 @@ CIFAR = {
     ),
 }
 NAMES = frozenset(CIFAR)
-
-
-def cache_dir() -> Path:
-    """Where imgclf keeps downloads: `$IMGCLF_CACHE`, else `~/.cache/imgclf`."""
-    return Path(os.environ.get("IMGCLF_CACHE", Path.home() / ".cache" / "imgclf")).expanduser()
 
 
 class _ArrayUnpickler(pickle.Unpickler):

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from imgclf.files import atomic_write, cache_dir
 from imgclf.progress import log
 
 if TYPE_CHECKING:
@@ -40,8 +40,6 @@ Signature = tuple[int, int, int]  # (size in bytes, mtime in ns, inode)
 
 def scan_cache_dir() -> Path:
     """`$IMGCLF_CACHE/scans`, else `~/.cache/imgclf/scans`."""
-    from imgclf.data.cifar import cache_dir
-
     return cache_dir() / "scans"
 
 
@@ -116,13 +114,15 @@ class ScanCache:
                 rows[os.path.abspath(result.entry.path)] = (sig, result)
         self._rows = rows
         self.file.parent.mkdir(parents=True, exist_ok=True)
-        partial = self.file.with_name(f".{uuid.uuid4().hex}.partial.npz")
-        try:
-            with open(partial, "wb") as handle:
-                np.savez(handle, **_columns(rows))  # type: ignore[arg-type]
-            os.replace(partial, self.file)
+        columns = _columns(rows)
+
+        def write(temp: Path) -> None:
+            with open(temp, "wb") as handle:  # a handle: np.savez would add ".npz" to a name
+                np.savez(handle, **columns)  # type: ignore[arg-type]
+
+        try:  # not flushed to disk: a table lost in a crash only means a full scan next time
+            atomic_write(self.file, write, durable=False)
         except OSError as exc:  # a full or read-only disk must not stop the training run
-            partial.unlink(missing_ok=True)
             log(f"warning: could not write the scan cache {self.file} ({exc})")
 
 

@@ -31,6 +31,7 @@ import torch
 
 from imgclf.config import TrainConfig
 from imgclf.errors import ConfigError, ImgclfError, check_format
+from imgclf.files import TEMP_PREFIX, atomic_write_text, fsync_dir, fsync_file
 from imgclf.model import ImageClassifier, non_finite_tensors
 from imgclf.progress import log
 from imgclf.training.finetune import FitResult, LoopState, NonFiniteLossError
@@ -43,7 +44,6 @@ FINISHED_FILE = "finished.json"  # written once the bundle is saved: the run nee
 FORMAT = "imgclf-checkpoint"
 FORMAT_VERSION = 1
 KEEP = 2  # complete checkpoints kept; the older one is the fallback if the newest cannot be read
-TEMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
 # Options that may differ between a run and its resumption: they change where and how fast it
 # runs, not what it computes.
@@ -60,45 +60,7 @@ class CheckpointError(ImgclfError):
 
 
 # --------------------------------------------------------------------------------------------
-# Atomic files
-
-
-def fsync_file(path: Path) -> None:
-    """Flush a written file's data to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: Path) -> None:
-    """Flush a folder's entries (renames, new files) to disk; a no-op where the OS cannot."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # Windows cannot open folders; its renames are durable without this
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` so that readers see the old or the new content, never a mix.
-
-    Example:
-        >>> atomic_write_text(Path("runs/x/metrics.jsonl"), "{}\\n")  # doctest: +SKIP
-    """
-    temp = path.with_name(f"{TEMP_PREFIX}{path.name}-{os.getpid()}")
-    with open(temp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temp, path)
-    fsync_dir(path.parent)
+# Leftovers
 
 
 def remove_stale(folder: Path) -> list[Path]:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -41,19 +40,17 @@ from imgclf import distributed
 from imgclf.backbones import Backbone
 from imgclf.data.pipeline import ImageStore, Preprocessing, default_workers
 from imgclf.data.sources import Dataset, ImageSet
+from imgclf.files import DIGEST_BYTES, atomic_write, cache_dir, file_sha256, hash_tensor, weights_digest
 from imgclf.progress import log, progress
-from imgclf.runtime import hash_tensor, stream_outputs, weights_digest
+from imgclf.runtime import stream_outputs
 from imgclf.training.probe import ProbeResult, run_frozen
 
 FORMAT_VERSION = 2  # bump when the meaning of a stored feature or key changes (2: SHA-256 content keys)
-DIGEST_BYTES = 16  # 128 bits: collisions are out of reach for any image collection
 SHARD_SUFFIX = ".safetensors"
 
 
 def feature_cache_dir() -> Path:
     """`$IMGCLF_CACHE/features`, else `~/.cache/imgclf/features`."""
-    from imgclf.data.cifar import cache_dir
-
     return cache_dir() / "features"
 
 
@@ -91,14 +88,10 @@ def content_keys(images: ImageSet, *, workers: int = 0) -> np.ndarray:
             digest = hashlib.blake2b(f"array{row.shape}{row.dtype};".encode(), digest_size=DIGEST_BYTES)
             digest.update(row.tobytes())
             return digest.digest()
-        sha = hashlib.sha256()
         try:
-            with open(images.paths[i], "rb") as file:
-                while chunk := file.read(1 << 20):
-                    sha.update(chunk)
+            return file_sha256(images.paths[i])[:DIGEST_BYTES]
         except OSError as exc:
-            sha.update(f"unreadable:{images.paths[i]}:{exc}".encode())
-        return sha.digest()[:DIGEST_BYTES]
+            return hashlib.sha256(f"unreadable:{images.paths[i]}:{exc}".encode()).digest()[:DIGEST_BYTES]
 
     with ThreadPoolExecutor(default_workers(workers)) as pool:  # hashlib releases the GIL on large reads
         digests = list(pool.map(one, range(len(images))))
@@ -170,16 +163,12 @@ class FeatureCache:
         if len(keys) == 0:
             return None
         self.folder.mkdir(parents=True, exist_ok=True)
-        name = uuid.uuid4().hex
-        final = self.folder / f"{name}{SHARD_SUFFIX}"
-        partial = self.folder / f".{name}.partial"
+        final = self.folder / f"{uuid.uuid4().hex}{SHARD_SUFFIX}"
         tensors = {"keys": torch.from_numpy(np.ascontiguousarray(keys)),
                    "features": features.detach().float().contiguous()}
-        try:
-            save_file(tensors, str(partial))
-            os.replace(partial, final)
+        try:  # not flushed to disk: a shard lost in a crash is only computed again
+            atomic_write(final, lambda temp: save_file(tensors, str(temp)), durable=False)
         except OSError as exc:  # a full or read-only disk must not fail the training run
-            partial.unlink(missing_ok=True)
             log(f"warning: could not write the feature cache in {self.folder} ({exc})")
             return None
         return final
@@ -347,14 +336,11 @@ def cached_probe(
     if distributed.is_main():
         meta = {"l2": repr(result.l2), "val_accuracy": repr(result.val_accuracy),
                 "scores": json.dumps({repr(k): v for k, v in result.scores.items()})}
-        partial = file.with_name(f".{uuid.uuid4().hex}.partial")
-        try:
+        tensors = {"weight": result.head.weight.detach().contiguous(), "bias": result.head.bias.detach().contiguous()}
+        try:  # not flushed to disk either: an unreadable head is fitted again
             file.parent.mkdir(parents=True, exist_ok=True)
-            save_file({"weight": result.head.weight.detach().contiguous(),
-                       "bias": result.head.bias.detach().contiguous()}, str(partial), metadata=meta)
-            os.replace(partial, file)
+            atomic_write(file, lambda temp: save_file(tensors, str(temp), metadata=meta), durable=False)
         except OSError as exc:
-            partial.unlink(missing_ok=True)
             log(f"warning: could not write the probe head to the cache ({exc})")
     return result, False
 

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from imgclf.errors import ConfigError
+from imgclf.files import atomic_write_text
 from imgclf.model import ImageClassifier
-from imgclf.training.checkpoint import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
