@@ -58,8 +58,8 @@ def plain(bundle: str, folder: str, batch_size: int) -> None:
     import torch
 
     import imgclf
+    from imgclf.data.dataset import ImageSet
     from imgclf.data.pipeline import ImageStore, normalize
-    from imgclf.data.sources import ImageSet
 
     model = imgclf.load(bundle)
     net = model.module.eval().to(memory_format=torch.contiguous_format)

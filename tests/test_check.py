@@ -15,7 +15,8 @@ from PIL import Image
 
 from imgclf.cli import main
 from imgclf.config import resolve_config
-from imgclf.data.check import Entry, check, near_duplicate_groups, scan_file
+from imgclf.data.check import check, near_duplicate_groups
+from imgclf.data.scan import Entry, scan_file
 from imgclf.errors import ConfigError
 from imgclf.training.balance import balanced_class_weights
 from imgclf.training.probe import fit_logistic

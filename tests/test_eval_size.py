@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
+from imgclf.data.dataset import ImageSet
 from imgclf.data.pipeline import Preprocessing
-from imgclf.data.sources import ImageSet
 from imgclf.model import ImageClassifier
 from imgclf.training.eval_size import candidate_sizes, choose_eval_size, estimated_seconds
 

@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Any
 
 from imgclf.bundle import Model
-from imgclf.data.decode import is_image_file
 from imgclf.data.pipeline import ImageStore
-from imgclf.data.sources import load_eval_split
-from imgclf.errors import DataError
+from imgclf.data.sources import collect_images, load_eval_split
 from imgclf.evaluation import classification_metrics, plot_confusion
+
+__all__ = ["collect_images", "evaluate", "load"]  # collect_images: the data layer's, for the CLI
 
 
 def load(folder: str | Path) -> Model:
@@ -75,26 +75,3 @@ def evaluate(
         )
         metrics["confusion_matrix_png"] = str(png)
     return metrics
-
-
-def collect_images(paths: list[str | Path]) -> list[Path]:
-    """Expand files and folders (recursively) into image files, sorted within each folder.
-
-    Raises:
-        DataError: a path does not exist, or nothing that looks like an image was found.
-    """
-    found: list[Path] = []
-    for raw in paths:
-        path = Path(raw).expanduser()
-        if path.is_dir():
-            found.extend(sorted(p for p in path.rglob("*") if p.is_file() and is_image_file(p)))
-        elif path.is_file():
-            found.append(path)
-        else:
-            raise DataError(f"{str(raw)!r} does not exist", fix="pass image files or folders of images")
-    if not found:
-        raise DataError(
-            f"no images found in {', '.join(map(str, paths))}",
-            expected="files with an image extension (.jpg, .png, ...) or folders holding them",
-        )
-    return found

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from imgclf.data.dataset import ImageSet
 from imgclf.data.pipeline import ImageStore, Preprocessing, image_to_tensor, normalize
-from imgclf.data.sources import ImageSet
 from imgclf.errors import BundleError, check_format
 from imgclf.model import ImageClassifier, build_head, non_finite_tensors
 from imgclf.runtime import FrozenForward

@@ -240,9 +240,9 @@ def parity_batch(
     model: Model, images: Sequence[str | Path] | None, bundle_dir: Path | None
 ) -> tuple[np.ndarray, str]:
     """The normalised float32 batch for the parity check, and where its images came from."""
-    from imgclf.api import collect_images
     from imgclf.data.decode import UnreadableImageError, open_image
     from imgclf.data.pipeline import image_to_tensor, normalize
+    from imgclf.data.sources import collect_images
 
     prep = model.preprocessing
     files: list[Path] = []

@@ -34,53 +34,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
-from imgclf.data.decode import IMAGE_EXTENSIONS, UnreadableImageError, decode_image
+from imgclf.data.dataset import Dataset, ImageSet
+from imgclf.data.decode import IMAGE_EXTENSIONS
+from imgclf.data.layout import ACCEPTED, SPLIT_NAMES, detect_layout
+from imgclf.data.scan import Entry, FileResult, scan_file
 from imgclf.data.scan_cache import ScanCache, signature
-from imgclf.data.sources import (
-    ACCEPTED,
-    SPLIT_NAMES,
-    Dataset,
-    ImageSet,
-    _find_split_dirs,
-    list_class_folder,
-    read_manifest,
-)
+from imgclf.data.sources import list_class_folder, read_manifest
 from imgclf.errors import DataError
-from imgclf.files import DIGEST_BYTES, file_sha256
+from imgclf.files import DIGEST_BYTES
 from imgclf.progress import log, progress
 
 NEAR_BITS = 5  # near duplicates: dHashes differ in at most this many of their 64 bits ...
 NEAR_COLOUR = 8.0  # ... and their 4 x 4 colour thumbnails by at most this mean (0..255 levels)
 IMBALANCE_RATIO = 3.0  # largest / smallest class at or above this is reported as imbalanced
-HASH_SIDE = 64  # px: JPEGs are decoded at reduced scale down to this for hashing (draft mode)
 _MAX_LISTED = 20  # text report: at most this many entries per list (JSON has them all)
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One file to scan: its path, split (train/val/test, or "all" without splits) and class."""
-
-    path: str
-    split: str
-    label: str
-
-
-@dataclass
-class FileResult:
-    """What the scan learned about one file. `reason` is None when the file is usable."""
-
-    entry: Entry
-    reason: str | None = None
-    size: tuple[int, int] | None = None  # (width, height) from the header
-    format: str | None = None
-    mode: str | None = None
-    animated: bool = False
-    exif_rotated: bool = False
-    sha256: str | None = None
-    dhash: int | None = None
-    thumb: np.ndarray | None = field(default=None, repr=False)  # 4 x 4 x 3 uint8 colour thumbnail
 
 
 @dataclass
@@ -113,25 +81,19 @@ def discover(data: str) -> Discovery:
         >>> found.entries[0].split, found.entries[0].label  # doctest: +SKIP
         ('all', 'cat')
     """
-    from imgclf.data import cifar
-
-    if data.lower() in cifar.NAMES:
+    layout = detect_layout(data)
+    if layout.path is None:
         raise DataError(
             f"{data!r} is a built-in dataset; check scans image files",
             fix="run imgclf check on a folder or CSV manifest",
         )
-    path = Path(data).expanduser()
-    if not path.exists():
-        raise DataError(f"DATA {data!r} does not exist", expected=ACCEPTED, fix="check the path")
-    if path.is_file():
-        if path.suffix.lower() != ".csv":
-            raise DataError(f"DATA {data!r} is a file but not a .csv manifest", expected=ACCEPTED)
+    path, splits = layout.path, layout.splits
+    if layout.kind == "csv manifest":
         rows = read_manifest(path)
         entries = [Entry(p, split, label) for p, label, split in rows]
-        return Discovery(data, "csv manifest", entries)
-    splits = _find_split_dirs(path)
+        return Discovery(data, layout.kind, entries)
     folders = {name: splits[name] for name in SPLIT_NAMES if name in splits} if splits else {"all": path}
-    found = Discovery(data, "split folders" if splits else "class folders", [])
+    found = Discovery(data, layout.kind, [])
     for split, folder in folders.items():
         files, warnings = list_class_folder(folder)
         found.warnings.extend(warnings)
@@ -169,46 +131,7 @@ def _ignored_files(root: Path) -> list[tuple[str, str]]:
 
 
 # --------------------------------------------------------------------------------------------
-# Scanning one file
-
-
-def perceptual_hash(img: Image.Image) -> tuple[int, np.ndarray]:
-    """A 64-bit difference hash (dHash) and a 4 x 4 x 3 colour thumbnail of an RGB image.
-
-    dHash: shrink to 9 x 8 grey pixels and keep one bit per horizontal neighbour pair (is the
-    right one brighter?). Re-encoding, resizing and small edits flip few bits; different pictures
-    differ in about half. It ignores colour and says nothing about flat images (all bits 0), so
-    near duplicates must also have similar colour thumbnails.
-
-    Example:
-        >>> bits, thumb = perceptual_hash(Image.new("RGB", (32, 32), (255, 0, 0)))
-        >>> bits, thumb.shape
-        (0, (4, 4, 3))
-    """
-    small = img.resize((36, 32), Image.Resampling.BOX, reducing_gap=2.0)
-    grey = np.asarray(small.convert("L").resize((9, 8), Image.Resampling.BOX), dtype=np.int16)
-    bits = (grey[:, 1:] > grey[:, :-1]).ravel()
-    value = int(np.packbits(bits).view(">u8")[0])
-    thumb = np.asarray(small.resize((4, 4), Image.Resampling.BOX), dtype=np.uint8)
-    return value, thumb
-
-
-def scan_file(entry: Entry) -> FileResult:
-    """Decode one file fully and hash it. Only `UnreadableImageError` is turned into a reason."""
-    result = FileResult(entry)
-    try:
-        decoded = decode_image(entry.path, draft_size=HASH_SIDE)
-    except UnreadableImageError as exc:
-        result.reason = exc.reason
-        return result
-    result.size, result.format, result.mode = decoded.size, decoded.format, decoded.mode
-    result.animated, result.exif_rotated = decoded.animated, decoded.exif_rotated
-    result.dhash, result.thumb = perceptual_hash(decoded.image)
-    try:
-        result.sha256 = file_sha256(entry.path).hex()
-    except OSError as exc:  # removed or unreadable between decoding and hashing
-        result.reason = f"cannot read file: {exc.strerror or exc}"
-    return result
+# Scanning
 
 
 def scan_files(

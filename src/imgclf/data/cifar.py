@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from imgclf.data.sources import ImageSet
+from imgclf.data.dataset import ImageSet
 from imgclf.errors import DataError
 from imgclf.files import cache_dir
 

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from imgclf.data.dataset import ImageSet
 from imgclf.data.decode import UnreadableImageError
-from imgclf.data.sources import ImageSet
 from imgclf.progress import progress
 
 INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}

@@ -24,15 +24,12 @@ import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from imgclf.data.scan import Entry, FileResult
 from imgclf.files import atomic_write, cache_dir
 from imgclf.progress import log
-
-if TYPE_CHECKING:
-    from imgclf.data.check import Entry, FileResult
 
 FORMAT_VERSION = 1  # bump when a stored column changes meaning
 Signature = tuple[int, int, int]  # (size in bytes, mtime in ns, inode)
@@ -152,8 +149,6 @@ def _columns(rows: dict[str, tuple[Signature, FileResult]]) -> dict[str, np.ndar
 
 
 def _read_table(file: Path) -> dict[str, tuple[Signature, FileResult]]:
-    from imgclf.data.check import Entry, FileResult
-
     with np.load(file, allow_pickle=False) as table:
         if int(table["version"]) != FORMAT_VERSION:
             raise ValueError(f"format {int(table['version'])}, this imgclf reads {FORMAT_VERSION}")

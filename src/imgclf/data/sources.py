@@ -1,14 +1,11 @@
-"""Find the images and labels behind a DATA argument.
+"""Find the images and labels behind a DATA argument, and the image files behind predict's arguments.
 
-Accepted forms, detected in this order:
-
-1. `cifar10` / `cifar100`: the standard sets, downloaded into the cache on first use.
-2. A CSV manifest with `path,label` columns (and an optional `split` column of train/val/test);
-   paths are relative to the CSV file.
-3. A folder holding `train/` (and optionally `val/` and `test/`), each with a folder per class.
-4. A folder with a folder per class.
+The kind of DATA is recognised by `layout.detect_layout` (a standard set, a CSV manifest with
+`path,label[,split]` columns whose paths are relative to the CSV file, split folders or class
+folders); this module lists its files and labels into a `Dataset`.
 
 The class -> index map is fixed from the training data (sorted names) and reused everywhere after.
+Part of the data layer, above `dataset`, `layout` and `cifar`.
 """
 
 from __future__ import annotations
@@ -16,85 +13,15 @@ from __future__ import annotations
 import csv
 import os
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from imgclf.data.decode import is_image_file, open_image
+from imgclf.data import cifar
+from imgclf.data.dataset import Dataset, ImageSet
+from imgclf.data.decode import is_image_file
+from imgclf.data.layout import ACCEPTED, SPLIT_NAMES, detect_layout
 from imgclf.errors import BundleError, DataError
-
-SPLIT_NAMES = {
-    "train": ("train", "training"),
-    "val": ("val", "valid", "validation"),
-    "test": ("test", "testing"),
-}
-
-
-@dataclass
-class ImageSet:
-    """The images and integer labels of one split.
-
-    Images are files (`paths`) or, for the standard sets, rows of an in-memory uint8 array
-    (`arrays`, shape N x H x W x 3) whose `paths` are stable names such as `cifar10/test/17`.
-    """
-
-    paths: list[str]
-    labels: np.ndarray  # int64, indices into the dataset's class list
-    arrays: np.ndarray | None = None
-    # N x 16 uint8: the first 16 bytes of each file's SHA-256, when the pre-flight scan has them
-    # (the feature cache's content keys, so a run does not read every file again to hash it).
-    digests: np.ndarray | None = None
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def subset(self, indices: np.ndarray | list[int]) -> ImageSet:
-        idx = np.asarray(indices, dtype=np.int64)
-        return ImageSet(
-            paths=[self.paths[i] for i in idx],
-            labels=self.labels[idx],
-            arrays=None if self.arrays is None else self.arrays[idx],
-            digests=None if self.digests is None else self.digests[idx],
-        )
-
-    def load(self, index: int, *, draft_size: int | None = None) -> Image.Image:
-        """Decode image `index` to RGB."""
-        if self.arrays is not None:
-            return Image.fromarray(self.arrays[index])
-        return open_image(self.paths[index], draft_size=draft_size)
-
-    def class_counts(self, num_classes: int) -> list[int]:
-        return np.bincount(self.labels, minlength=num_classes).tolist()
-
-
-@dataclass
-class Dataset:
-    """Train, validation and (optional) test splits over one fixed class list."""
-
-    classes: list[str]
-    train: ImageSet
-    val: ImageSet
-    test: ImageSet | None
-    source: str  # what kind of DATA this was, for messages and the bundle
-    val_from_train: bool  # True when val was carved out of train by a stratified split
-    warnings: list[str] = field(default_factory=list)
-
-    def summary(self) -> dict[str, object]:
-        n = len(self.classes)
-        splits = {"train": self.train, "val": self.val, "test": self.test}
-        return {
-            "source": self.source,
-            "classes": self.classes,
-            "val_from_train": self.val_from_train,
-            "counts": {
-                name: dict(zip(self.classes, split.class_counts(n), strict=False))
-                for name, split in splits.items()
-                if split is not None
-            },
-        }
-
 
 # --------------------------------------------------------------------------------------------
 # Discovery
@@ -140,24 +67,6 @@ def describe_folder(root: Path) -> str:
         f"{len(dirs)} folder(s){' (' + listed + ')' if dirs else ''}, {len(files)} file(s)"
         f" of which {len(images)} image(s) directly inside"
     )
-
-
-ACCEPTED = (
-    "a folder with one sub-folder of images per class; a folder with train/ (and optionally "
-    "val/, test/) each holding class folders; a CSV file with path,label columns; or cifar10 / "
-    "cifar100"
-)
-
-
-def _find_split_dirs(root: Path) -> dict[str, Path]:
-    found: dict[str, Path] = {}
-    children = {p.name.lower(): p for p in root.iterdir() if p.is_dir()}
-    for split, names in SPLIT_NAMES.items():
-        for name in names:
-            if name in children:
-                found[split] = children[name]
-                break
-    return found
 
 
 def _image_set(class_files: dict[str, list[Path]], class_index: dict[str, int]) -> ImageSet:
@@ -228,25 +137,14 @@ def load_dataset(data: str, *, val_fraction: float = 0.1, seed: int = 0) -> Data
         >>> ds.classes
         ['cat', 'dog']
     """
-    from imgclf.data import cifar
-
-    if data.lower() in cifar.NAMES:
-        train, test, classes = cifar.load_cifar(data.lower())
+    layout = detect_layout(data)
+    if layout.path is None:  # a standard set, held in memory
+        train, test, classes = cifar.load_cifar(layout.name)
         keep, held = stratified_split(train.labels, val_fraction, seed)
-        return Dataset(classes, train.subset(keep), train.subset(held), test, data.lower(), True)
-
-    path = Path(data).expanduser()
-    if not path.exists():
-        raise DataError(
-            f"DATA {data!r} does not exist",
-            expected=ACCEPTED,
-            fix="check the path (relative paths are resolved from the current folder)",
-        )
-    if path.is_file():
-        if path.suffix.lower() != ".csv":
-            raise DataError(f"DATA {data!r} is a file but not a .csv manifest", expected=ACCEPTED)
+        return Dataset(classes, train.subset(keep), train.subset(held), test, layout.name, True)
+    path, splits = layout.path, layout.splits
+    if layout.kind == "csv manifest":
         return _from_csv(path, val_fraction=val_fraction, seed=seed)
-    splits = _find_split_dirs(path)
     if "train" in splits:
         return _from_split_folders(splits, val_fraction=val_fraction, seed=seed, root=path)
     if splits:
@@ -389,22 +287,18 @@ def load_eval_split(data: str, classes: list[str]) -> tuple[ImageSet, str]:
 
     Labels are mapped through the bundle's `classes`; a class the bundle does not know is an error.
     """
-    from imgclf.data import cifar
-
     index = {c: i for i, c in enumerate(classes)}
-    if data.lower() in cifar.NAMES:
-        _, test, data_classes = cifar.load_cifar(data.lower())
+    layout = detect_layout(data)
+    if layout.path is None:  # a standard set: its test split
+        _, test, data_classes = cifar.load_cifar(layout.name)
         named = [(p, data_classes[i]) for p, i in zip(test.paths, test.labels, strict=False)]
-        return _relabel(named, index, classes, data, arrays=test.arrays), f"{data.lower()} test"
-    path = Path(data).expanduser()
-    if not path.exists():
-        raise DataError(f"DATA {data!r} does not exist", expected=ACCEPTED)
-    if path.is_file():
+        return _relabel(named, index, classes, data, arrays=test.arrays), f"{layout.name} test"
+    path, splits = layout.path, layout.splits
+    if layout.kind == "csv manifest":
         rows = read_manifest(path)
         chosen = [r for r in rows if r[2] == "test"] or rows
         split = "test rows" if any(r[2] == "test" for r in rows) else "all rows"
         return _relabel([(f, lab) for f, lab, _ in chosen], index, classes, data), split
-    splits = _find_split_dirs(path)
     folder, split = path, "all images"
     for name in ("test", "val"):
         if name in splits:
@@ -439,3 +333,32 @@ def _relabel(
         labels=np.asarray([index[label] for _, label in named], dtype=np.int64),
         arrays=arrays,
     )
+
+
+def collect_images(paths: list[str | Path]) -> list[Path]:
+    """Expand files and folders (recursively) into image files, sorted within each folder.
+
+    What `predict` and the export's parity check run on: any image files, no labels needed.
+
+    Raises:
+        DataError: a path does not exist, or nothing that looks like an image was found.
+
+    Example:
+        >>> collect_images(["photos/cat/", "dog.jpg"])[:2]  # doctest: +SKIP
+        [PosixPath('photos/cat/1.jpg'), PosixPath('photos/cat/2.jpg')]
+    """
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw).expanduser()
+        if path.is_dir():
+            found.extend(sorted(p for p in path.rglob("*") if p.is_file() and is_image_file(p)))
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise DataError(f"{str(raw)!r} does not exist", fix="pass image files or folders of images")
+    if not found:
+        raise DataError(
+            f"no images found in {', '.join(map(str, paths))}",
+            expected="files with an image extension (.jpg, .png, ...) or folders holding them",
+        )
+    return found

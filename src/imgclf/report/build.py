@@ -26,8 +26,9 @@ from imgclf.calibration import (
     softmax,
     write_temperature,
 )
+from imgclf.data.dataset import Dataset, ImageSet
 from imgclf.data.pipeline import ImageStore
-from imgclf.data.sources import Dataset, ImageSet, load_dataset
+from imgclf.data.sources import load_dataset
 from imgclf.errors import BundleError, ConfigError
 from imgclf.evaluation import classification_metrics, plot_confusion
 from imgclf.progress import log

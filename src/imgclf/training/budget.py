@@ -52,8 +52,8 @@ from imgclf.training import eval_size
 if TYPE_CHECKING:
     from imgclf.backbones import Backbone
     from imgclf.config import Recipe, TrainConfig
+    from imgclf.data.dataset import Dataset, ImageSet
     from imgclf.data.pipeline import Preprocessing
-    from imgclf.data.sources import Dataset, ImageSet
 
 CANDIDATE_SIZES = (96, 128, 160, 192, 224)  # px; below 96 lite0/ResNet feature maps are 3x3 or smaller
 MIN_GOOD_EPOCHS = 3  # a larger input is worth it only while it leaves this many epochs

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
+from imgclf.data.dataset import ImageSet
 from imgclf.data.pipeline import ImageStore, Preprocessing
-from imgclf.data.sources import ImageSet
 from imgclf.distributed import clock
 from imgclf.model import ImageClassifier
 from imgclf.progress import log

@@ -38,8 +38,8 @@ from torch import nn
 
 from imgclf import distributed
 from imgclf.backbones import Backbone
+from imgclf.data.dataset import Dataset, ImageSet
 from imgclf.data.pipeline import ImageStore, Preprocessing, default_workers
-from imgclf.data.sources import Dataset, ImageSet
 from imgclf.files import DIGEST_BYTES, atomic_write, cache_dir, file_sha256, hash_tensor, weights_digest
 from imgclf.progress import log, progress
 from imgclf.runtime import stream_outputs

@@ -21,8 +21,9 @@ from imgclf.bundle import Model, library_versions
 from imgclf.calibration import softmax
 from imgclf.config import TrainConfig, resolve_config, save_yaml, with_default_budget
 from imgclf.data.check import preflight
+from imgclf.data.dataset import Dataset, ImageSet
 from imgclf.data.pipeline import ImageStore, Preprocessing, normalize
-from imgclf.data.sources import Dataset, ImageSet, load_dataset, stratified_split
+from imgclf.data.sources import load_dataset, stratified_split
 from imgclf.errors import ConfigError
 from imgclf.evaluation import classification_metrics, plot_confusion
 from imgclf.model import ImageClassifier
