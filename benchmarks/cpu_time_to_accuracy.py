@@ -78,7 +78,7 @@ def run_fastai(data: Path, minutes: float, size: int, backbone: str) -> dict[str
     import timm
     import torch
 
-    from imgclf.backbones import create_backbone
+    from imgclf.models.backbones import create_backbone
 
     start = time.perf_counter()
     loaders = ImageDataLoaders.from_folder(data, train="train", valid="test", item_tfms=Resize(size),

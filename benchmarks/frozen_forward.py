@@ -17,7 +17,7 @@ import warnings
 
 import torch
 
-from imgclf.backbones import create_backbone
+from imgclf.models.backbones import create_backbone
 from imgclf.runtime import FrozenForward, cpu_has_native_bf16
 
 

@@ -38,9 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cifar10 import ensure_data  # noqa: E402
 from cpu_time_to_accuracy import small_copy  # noqa: E402
 
-from imgclf.backbones import create_backbone  # noqa: E402
 from imgclf.data.decode import open_image  # noqa: E402
 from imgclf.data.pipeline import Augmentation, image_to_tensor  # noqa: E402
+from imgclf.models.backbones import create_backbone  # noqa: E402
 
 
 def load(root: Path, split: str, per_class: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -139,7 +139,7 @@ def pack_backbone(name: str, out: Path, *, source: str | None, dtype: str) -> di
     """Save `name`'s headless ImageNet weights to `out/<name>.<dtype>.safetensors`; returns a report."""
     from safetensors.torch import save_file
 
-    from imgclf.backbones import create_backbone
+    from imgclf.models.backbones import create_backbone
 
     with tempfile.TemporaryDirectory(prefix="gpu-pack-") as scratch:
         weights = weights_file(source, Path(scratch)) if source else None

@@ -46,9 +46,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cifar10 import CACHE, ensure_data  # noqa: E402
 from cpu_time_to_accuracy import small_copy  # noqa: E402
 
-from imgclf.backbones import create_backbone  # noqa: E402
 from imgclf.data.pipeline import ImageStore, Preprocessing, normalize  # noqa: E402
 from imgclf.data.sources import load_dataset  # noqa: E402
+from imgclf.models.backbones import create_backbone  # noqa: E402
 from imgclf.runtime import FrozenForward  # noqa: E402
 from imgclf.training.probe import run_frozen  # noqa: E402
 

@@ -38,9 +38,9 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     from imgclf import distributed
-    from imgclf.backbones import create_backbone
     from imgclf.data.pipeline import ImageStore, Preprocessing
     from imgclf.data.sources import load_dataset
+    from imgclf.models.backbones import create_backbone
     from imgclf.runtime import FrozenForward
     from imgclf.training.feature_cache import cached_features
 

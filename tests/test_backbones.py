@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from imgclf.backbones import (
+from imgclf.errors import BackboneError
+from imgclf.models.backbones import (
     BackboneEntry,
     create_backbone,
     list_backbones,
@@ -15,7 +16,6 @@ from imgclf.backbones import (
     register,
     resolve_backbone,
 )
-from imgclf.errors import BackboneError
 
 
 @pytest.mark.parametrize("entry", list_backbones(), ids=lambda e: e.name)

@@ -9,7 +9,7 @@ from torch import nn
 
 from imgclf.data.dataset import ImageSet
 from imgclf.data.pipeline import Preprocessing
-from imgclf.model import ImageClassifier
+from imgclf.models.classifier import ImageClassifier
 from imgclf.training.eval_size import candidate_sizes, choose_eval_size, estimated_seconds
 
 PREP = Preprocessing(image_size=96, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))

@@ -224,7 +224,7 @@ def test_the_scan_cache_reads_only_new_or_changed_files(tmp_path: Path, monkeypa
 
 def test_streamed_uint8_batches_match_normalised_float_calls(tmp_path: Path) -> None:
     pytest.importorskip("openvino")
-    from imgclf.backbones import create_backbone
+    from imgclf.models.backbones import create_backbone
     from imgclf.runtime import FrozenForward, stream_outputs
 
     torch.manual_seed(0)
@@ -405,9 +405,9 @@ def test_lr_decays_by_time_when_steps_lag_behind() -> None:
 
 
 def test_fit_stops_mid_epoch_at_a_hard_deadline_and_keeps_the_best_weights(tmp_path: Path) -> None:
-    from imgclf.backbones import create_backbone
     from imgclf.config import TrainConfig
-    from imgclf.model import ImageClassifier
+    from imgclf.models.backbones import create_backbone
+    from imgclf.models.classifier import ImageClassifier
     from imgclf.training.finetune import fit
 
     torch.manual_seed(0)
@@ -454,9 +454,9 @@ def test_replanned_epochs_follow_the_measured_speed() -> None:
 @pytest.mark.parametrize("max_epochs, trained", [(3, 3), (None, 1)])
 def test_a_budget_run_re_plans_its_epochs_on_the_first_steps(tmp_path: Path, max_epochs: int | None,
                                                              trained: int) -> None:
-    from imgclf.backbones import create_backbone
     from imgclf.config import TrainConfig
-    from imgclf.model import ImageClassifier
+    from imgclf.models.backbones import create_backbone
+    from imgclf.models.classifier import ImageClassifier
     from imgclf.training.finetune import fit
 
     torch.manual_seed(0)
@@ -506,7 +506,7 @@ def test_a_short_budget_probes_a_stratified_subset_and_cached_features_are_free(
 
 
 def test_cached_shares_count_the_features_already_stored(tmp_path: Path) -> None:
-    from imgclf.backbones import create_backbone
+    from imgclf.models.backbones import create_backbone
     from imgclf.training.feature_cache import cache_for, cached_shares
 
     data = make_image_folder(tmp_path / "data", per_class=6)
@@ -530,7 +530,7 @@ def test_a_kept_openvino_conversion_is_read_back_on_the_next_start(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     ov = pytest.importorskip("openvino")
-    from imgclf.backbones import create_backbone
+    from imgclf.models.backbones import create_backbone
     from imgclf.runtime import FrozenForward
 
     monkeypatch.setenv("IMGCLF_CACHE", str(tmp_path / "cache"))

@@ -79,8 +79,8 @@ def test_other_errors_are_not_retried() -> None:
 
 
 def _tiny_fit(tmp_path: Path, cfg: TrainConfig):  # noqa: ANN202
-    from imgclf.backbones import create_backbone
-    from imgclf.model import ImageClassifier
+    from imgclf.models.backbones import create_backbone
+    from imgclf.models.classifier import ImageClassifier
     from imgclf.training.finetune import fit
 
     torch.manual_seed(0)
@@ -235,7 +235,7 @@ def test_packed_images_unpack_byte_identical(tmp_path: Path) -> None:
 def test_fp16_weights_load_back_into_fp32_close_to_the_original(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
-    from imgclf.backbones import create_backbone, load_into, read_state_dict
+    from imgclf.models.backbones import create_backbone, load_into, read_state_dict
 
     pack = _gpu_pack()
     torch.manual_seed(0)

@@ -248,7 +248,7 @@ def test_nan_loss_stops_at_once_and_keeps_the_last_good_checkpoint(
 
 def test_checkpoint_refuses_non_finite_weights(tmp_path: Path) -> None:
     from imgclf.config import TrainConfig
-    from imgclf.model import ImageClassifier
+    from imgclf.models.classifier import ImageClassifier
     from imgclf.training.finetune import FitResult, LoopState, NonFiniteLossError
 
     model = ImageClassifier(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))

@@ -17,10 +17,10 @@ import torch
 from conftest import TINY_BACKBONE, make_image_folder
 from safetensors.torch import load_file, save_file
 
-from imgclf.backbones import read_state_dict
 from imgclf.bundle import Model
 from imgclf.cli import main
 from imgclf.errors import BackboneError, BundleError
+from imgclf.models.backbones import read_state_dict
 
 
 class Payload:

@@ -12,9 +12,9 @@ from torch import nn
 
 from imgclf.cli import main
 from imgclf.config import resolve_config
-from imgclf.conv_base import create_conv_base
 from imgclf.data.sources import load_dataset
 from imgclf.errors import BackboneError
+from imgclf.models.article import create_conv_base
 from imgclf.summary import summarize_recipe
 from imgclf.training.seed import PlateauScheduler, SeedAugmentation, build_seed_head
 

@@ -21,7 +21,7 @@ from PIL import Image
 from imgclf.data.dataset import ImageSet
 from imgclf.data.pipeline import ImageStore, Preprocessing, image_to_tensor, normalize
 from imgclf.errors import BundleError, check_format
-from imgclf.model import ImageClassifier, build_head, non_finite_tensors
+from imgclf.models.classifier import ImageClassifier, build_head, non_finite_tensors
 from imgclf.runtime import FrozenForward
 
 BUNDLE_JSON = "imgclf.json"
@@ -124,7 +124,7 @@ class Model:
         Raises:
             BundleError: missing or corrupt files, or weights that do not fit the architecture.
         """
-        from imgclf.backbones import create_backbone
+        from imgclf.models.backbones import create_backbone
 
         folder = Path(folder)
         meta = read_bundle_json(folder)
@@ -133,7 +133,7 @@ class Model:
             raise BundleError(f"{str(folder)!r} has no {WEIGHTS_FILE}", fix="re-run imgclf train --out")
         try:
             if meta["backbone"].get("kind") == "conv_base":  # the seed recipe's flattened VGG conv layers
-                from imgclf.conv_base import create_conv_base
+                from imgclf.models.article import create_conv_base
 
                 backbone = create_conv_base(
                     meta["backbone"]["timm_name"], image_size=meta["preprocessing"]["image_size"], pretrained=False

@@ -222,7 +222,7 @@ def _add_backbones(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
 
 
 def cmd_backbones(args: argparse.Namespace) -> int:
-    from imgclf.backbones import list_backbones, offline_status
+    from imgclf.models.backbones import list_backbones, offline_status
 
     entries = list_backbones(args.include)
     width = max(len(e.name) for e in entries) if entries else 10

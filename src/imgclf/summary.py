@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from imgclf.conv_base import ConvBase
 from imgclf.errors import ConfigError
-from imgclf.model import ImageClassifier
+from imgclf.models.article import ConvBase
+from imgclf.models.classifier import ImageClassifier
 
 
 @dataclass
@@ -143,8 +143,8 @@ def summarize(
         expand: one row per backbone layer instead of one row for the whole backbone.
 
     Example:
-        >>> from imgclf.model import build_head
-        >>> from imgclf.conv_base import create_conv_base
+        >>> from imgclf.models.classifier import build_head
+        >>> from imgclf.models.article import create_conv_base
         >>> base = create_conv_base("vgg19", image_size=32, pretrained=False)
         >>> head = build_head({"kind": "linear", "in_features": 512, "num_classes": 10})
         >>> summarize(ImageClassifier(base.model, head), image_size=32).total_params
@@ -207,9 +207,9 @@ def summarize_recipe(
         >>> summarize_recipe("seed", num_classes=10, image_size=32).rows[0].params
         20024384
     """
-    from imgclf.backbones import create_backbone
     from imgclf.config import DEFAULT_BACKBONE, RECIPE_DEFAULTS, RECIPES
-    from imgclf.model import build_head
+    from imgclf.models.backbones import create_backbone
+    from imgclf.models.classifier import build_head
 
     if recipe not in RECIPES:
         raise ConfigError(f"unknown recipe {recipe!r}", expected=f"one of {', '.join(RECIPES)}")
@@ -217,7 +217,7 @@ def summarize_recipe(
         raise ConfigError(f"--num-classes {num_classes} is too few", expected="2 or more classes")
     name = backbone or RECIPE_DEFAULTS.get(recipe, {}).get("backbone", DEFAULT_BACKBONE)
     if recipe == "seed":
-        from imgclf.conv_base import create_conv_base
+        from imgclf.models.article import create_conv_base
         from imgclf.training.seed import SEED_MIN_IMAGE_SIZE, build_seed_model
 
         size = image_size or SEED_MIN_IMAGE_SIZE

@@ -50,10 +50,10 @@ from imgclf.errors import ConfigError
 from imgclf.training import eval_size
 
 if TYPE_CHECKING:
-    from imgclf.backbones import Backbone
     from imgclf.config import Recipe, TrainConfig
     from imgclf.data.dataset import Dataset, ImageSet
     from imgclf.data.pipeline import Preprocessing
+    from imgclf.models.backbones import Backbone
 
 CANDIDATE_SIZES = (96, 128, 160, 192, 224)  # px; below 96 lite0/ResNet feature maps are 3x3 or smaller
 MIN_GOOD_EPOCHS = 3  # a larger input is worth it only while it leaves this many epochs
@@ -290,7 +290,7 @@ def measure_rates(
     `decode_images(size)` decodes a sample at `size` and returns (images, seconds).
     """
     from imgclf.data.pipeline import Augmentation
-    from imgclf.model import ImageClassifier
+    from imgclf.models.classifier import ImageClassifier
     from imgclf.runtime import FrozenForward, autocast
 
     measured_sizes = sorted({min(sizes), max(sizes)})

@@ -32,7 +32,7 @@ import torch
 from imgclf.config import TrainConfig
 from imgclf.errors import ConfigError, ImgclfError, check_format
 from imgclf.files import TEMP_PREFIX, atomic_write_text, fsync_dir, fsync_file
-from imgclf.model import ImageClassifier, non_finite_tensors
+from imgclf.models.classifier import ImageClassifier, non_finite_tensors
 from imgclf.progress import log
 from imgclf.training.finetune import FitResult, LoopState, NonFiniteLossError
 from imgclf.training.reproducible import rng_states, set_rng_states

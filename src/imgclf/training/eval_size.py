@@ -21,7 +21,7 @@ import torch
 from imgclf.data.dataset import ImageSet
 from imgclf.data.pipeline import ImageStore, Preprocessing
 from imgclf.distributed import clock
-from imgclf.model import ImageClassifier
+from imgclf.models.classifier import ImageClassifier
 from imgclf.progress import log
 
 SIZE_FACTORS = (1.15, 1.3)  # candidates above the training size; FixRes's optimum is ~1.2-1.3x

@@ -37,10 +37,10 @@ import torch
 from torch import nn
 
 from imgclf import distributed
-from imgclf.backbones import Backbone
 from imgclf.data.dataset import Dataset, ImageSet
 from imgclf.data.pipeline import ImageStore, Preprocessing, default_workers
 from imgclf.files import DIGEST_BYTES, atomic_write, cache_dir, file_sha256, hash_tensor, weights_digest
+from imgclf.models.backbones import Backbone
 from imgclf.progress import log, progress
 from imgclf.runtime import stream_outputs
 from imgclf.training.probe import ProbeResult, run_frozen

@@ -29,7 +29,7 @@ from imgclf import distributed
 from imgclf.config import TrainConfig
 from imgclf.data.pipeline import Augmentation, ImageStore, normalize
 from imgclf.errors import ImgclfError
-from imgclf.model import ImageClassifier
+from imgclf.models.classifier import ImageClassifier
 from imgclf.progress import log, progress
 from imgclf.runtime import FrozenForward, autocast
 from imgclf.training.balance import balanced_class_weights

@@ -16,7 +16,6 @@ from PIL import Image
 from torch import nn
 
 from imgclf import distributed
-from imgclf.backbones import Backbone, create_backbone, resolve_backbone
 from imgclf.bundle import Model, library_versions
 from imgclf.calibration import softmax
 from imgclf.config import TrainConfig, resolve_config, save_yaml, with_default_budget
@@ -26,7 +25,8 @@ from imgclf.data.pipeline import ImageStore, Preprocessing, normalize
 from imgclf.data.sources import load_dataset, stratified_split
 from imgclf.errors import ConfigError
 from imgclf.evaluation import classification_metrics, plot_confusion
-from imgclf.model import ImageClassifier
+from imgclf.models.backbones import Backbone, create_backbone, resolve_backbone
+from imgclf.models.classifier import ImageClassifier
 from imgclf.progress import log, log_to_file
 from imgclf.runtime import FrozenForward, compute_dtype, pick_device
 from imgclf.training.balance import balanced_class_weights

@@ -12,7 +12,7 @@ from typing import Any
 
 from imgclf.errors import ConfigError
 from imgclf.files import atomic_write_text
-from imgclf.model import ImageClassifier
+from imgclf.models.classifier import ImageClassifier
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"

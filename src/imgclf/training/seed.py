@@ -29,12 +29,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from imgclf.backbones import Backbone
 from imgclf.config import TrainConfig
-from imgclf.conv_base import KIND as CONV_BASE_KIND
-from imgclf.conv_base import create_conv_base
 from imgclf.data.pipeline import ImageStore, Preprocessing
-from imgclf.model import ImageClassifier, build_head
+from imgclf.models.article import KIND as CONV_BASE_KIND
+from imgclf.models.article import create_conv_base
+from imgclf.models.backbones import Backbone
+from imgclf.models.classifier import ImageClassifier, build_head
 from imgclf.progress import log
 
 DEFAULT_SEED_EPOCHS = 30  # room for the plateau scheduler to act twice (see PLATEAU); Keras' fit

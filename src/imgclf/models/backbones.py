@@ -9,6 +9,8 @@ weights come from the first source that works, in this order:
 3. the Hugging Face hub through timm (its local cache first; a download needs the internet).
 
 If none works the error lists every source tried and how to supply a file.
+
+Part of the models layer (`imgclf.models`): it builds on `classifier` and sits below the runtime.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 from torch import nn
 
 from imgclf.errors import BackboneError
-from imgclf.model import non_finite_tensors
+from imgclf.models.classifier import non_finite_tensors
 
 
 @dataclass(frozen=True)

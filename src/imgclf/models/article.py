@@ -1,4 +1,5 @@
-"""A VGG's convolutional layers, flattened: Keras' `VGG19(include_top=False)` followed by `Flatten()`.
+"""The article's backbone: a VGG's convolutional layers, flattened, as Keras'
+`VGG19(include_top=False)` followed by `Flatten()`. Part of the models layer, above `backbones`.
 
 timm's headless VGG (`num_classes=0`) still carries a `pre_logits` ConvMlp (a 7x7 conv to 4096
 channels, ~120M parameters) and global pooling. The seed article's base has neither: at 32 px its
@@ -19,8 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from imgclf.backbones import Backbone, create_backbone, load_into, read_state_dict, resolve_backbone
 from imgclf.errors import BackboneError
+from imgclf.models.backbones import Backbone, create_backbone, load_into, read_state_dict, resolve_backbone
 
 KIND = "conv_base"  # the value of meta["backbone"]["kind"] in a bundle that holds a ConvBase
 DOWNSAMPLING = 32  # VGG's five 2x2 max pools: a side of S px becomes S // 32

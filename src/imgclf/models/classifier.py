@@ -1,4 +1,7 @@
-"""The classifier: a headless timm backbone followed by a head that maps features to classes."""
+"""The classifier: a headless timm backbone followed by a head that maps features to classes.
+
+Part of the models layer (`imgclf.models`), with the backbone registry and the article's conv base.
+"""
 
 from __future__ import annotations
 
