@@ -49,8 +49,7 @@ from cpu_time_to_accuracy import small_copy  # noqa: E402
 from imgclf.data.pipeline import ImageStore, Preprocessing, normalize  # noqa: E402
 from imgclf.data.sources import load_dataset  # noqa: E402
 from imgclf.models.backbones import create_backbone  # noqa: E402
-from imgclf.runtime import FrozenForward  # noqa: E402
-from imgclf.training.probe import run_frozen  # noqa: E402
+from imgclf.runtime import FrozenForward, run_frozen  # noqa: E402
 
 FEATURES_LINE = re.compile(r"features (\w+): (\d+) from the feature cache, (\d+) computed in ([\d.]+) s")
 

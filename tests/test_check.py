@@ -157,7 +157,7 @@ def _train_args(data: Path, out: Path, config: Path, *extra: str) -> list[str]:
 @pytest.fixture
 def no_openvino(monkeypatch: pytest.MonkeyPatch) -> None:
     # Converting the tiny model to OpenVINO takes longer than running it; these tests are about data.
-    monkeypatch.setattr("imgclf.runtime.openvino_available", lambda: False)
+    monkeypatch.setattr("imgclf.runtime.frozen.openvino_available", lambda: False)
 
 
 def test_train_skips_exactly_the_bad_files(messy, tmp_path: Path, no_openvino: None,  # type: ignore[no-untyped-def]

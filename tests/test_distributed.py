@@ -113,11 +113,11 @@ def train_here(cache: Path, **options: object) -> None:
     """A one-process reference run in this process, with the workers' settings (PyTorch frozen
     forwards, each process's share of the cores), its feature cache in `cache`."""
     import imgclf
-    import imgclf.runtime
+    import imgclf.runtime.frozen
     from imgclf.distributed import cpu_cores
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(imgclf.runtime, "openvino_available", lambda: False)
+        patch.setattr(imgclf.runtime.frozen, "openvino_available", lambda: False)
         patch.setenv("IMGCLF_CACHE", str(cache))
         threads = torch.get_num_threads()
         torch.set_num_threads(max(1, cpu_cores() // 2))

@@ -96,10 +96,10 @@ def _tiny_fit(tmp_path: Path, cfg: TrainConfig):  # noqa: ANN202
 def test_fit_restarts_the_epoch_at_half_the_batch_after_out_of_memory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import imgclf.runtime
+    import imgclf.runtime.frozen
     from imgclf.training import finetune
 
-    monkeypatch.setattr(imgclf.runtime, "openvino_available", lambda: False)
+    monkeypatch.setattr(imgclf.runtime.frozen, "openvino_available", lambda: False)
 
     def forward_that_fits_8(model: nn.Module, *, compile_model: bool):  # noqa: ANN202
         def forward(x: torch.Tensor) -> torch.Tensor:
@@ -173,7 +173,7 @@ def test_place_store_logs_the_chosen_mode(tmp_path: Path, monkeypatch: pytest.Mo
 
 
 def test_compile_flag_reaches_torch_compile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import imgclf.runtime
+    import imgclf.runtime.frozen
     from imgclf.cli import main
 
     captured: dict[str, object] = {}
@@ -189,7 +189,7 @@ def test_compile_flag_reaches_torch_compile(tmp_path: Path, monkeypatch: pytest.
 
     # In fit, the compiled module is what the training step calls (compiling itself is not run here:
     # it takes minutes on 2 CPU cores).
-    monkeypatch.setattr(imgclf.runtime, "openvino_available", lambda: False)
+    monkeypatch.setattr(imgclf.runtime.frozen, "openvino_available", lambda: False)
     compiled: list[nn.Module] = []
     monkeypatch.setattr(torch, "compile", lambda module: compiled.append(module) or module)
     result, _ = _tiny_fit(tmp_path, TrainConfig(data="d", out="o", batch_size=8, compile=True, augment="none"))

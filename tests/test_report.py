@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 from conftest import CLASS_COLOURS, TINY_BACKBONE, make_image
 
-from imgclf.calibration import (
+from imgclf.bundle import write_temperature
+from imgclf.cli import main
+from imgclf.evaluation.calibration import (
     expected_calibration_error,
     fit_temperature,
     negative_log_likelihood,
     softmax,
-    write_temperature,
 )
-from imgclf.cli import main
 from imgclf.report.build import most_confused, report_after_training, worst_first
 from imgclf.report.html import SECTIONS
 

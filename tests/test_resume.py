@@ -44,9 +44,9 @@ def torch_runtime(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, 
     OpenVINO takes seconds to convert the model for every validation pass, which would dominate
     these tests; in subprocesses a stub package that fails to import turns it off.
     """
-    import imgclf.runtime
+    import imgclf.runtime.frozen
 
-    monkeypatch.setattr(imgclf.runtime, "openvino_available", lambda: False)
+    monkeypatch.setattr(imgclf.runtime.frozen, "openvino_available", lambda: False)
     stub = tmp_path / "no_openvino" / "openvino"
     stub.mkdir(parents=True)
     (stub / "__init__.py").write_text("raise ImportError('openvino is disabled in this test')\n")
@@ -239,7 +239,7 @@ def test_nan_loss_stops_at_once_and_keeps_the_last_good_checkpoint(
 
     # The kept checkpoint is good: the run resumes from it and finishes.
     monkeypatch.undo()
-    monkeypatch.setattr("imgclf.runtime.openvino_available", lambda: False)
+    monkeypatch.setattr("imgclf.runtime.frozen.openvino_available", lambda: False)
     with pytest.raises(imgclf.ImgclfError, match="unfinished run"):
         imgclf.train(**options)  # without --resume the unfinished run is never overwritten
     model = imgclf.train(**options, resume=True)

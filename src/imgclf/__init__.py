@@ -9,14 +9,13 @@ Example:
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 from imgclf.api import evaluate, load
 from imgclf.bundle import Model, Prediction
 from imgclf.config import TrainConfig
 from imgclf.errors import ImgclfError
 from imgclf.models.backbones import list_backbones
 from imgclf.training.run import train
+from imgclf.version import __version__
 
 __all__ = [
     "ImgclfError",

@@ -1,4 +1,7 @@
-"""The library's verbs beyond `train`: load a bundle, evaluate it, predict with it."""
+"""The library's verbs beyond `train`: load a bundle, evaluate it, predict with it.
+
+The API layer: above everything it ties together (bundle, evaluation, data), below the CLI.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,9 @@ from typing import Any
 from imgclf.bundle import Model
 from imgclf.data.pipeline import ImageStore
 from imgclf.data.sources import collect_images, load_eval_split
-from imgclf.evaluation import classification_metrics, plot_confusion
+from imgclf.evaluation.calibration import softmax
+from imgclf.evaluation.metrics import classification_metrics, plot_confusion
+from imgclf.evaluation.tta import collect_predictions, tta_summary
 
 __all__ = ["collect_images", "evaluate", "load"]  # collect_images: the data layer's, for the CLI
 
@@ -37,7 +42,7 @@ def evaluate(
     """Score a bundle on DATA: the test split when DATA has one, else all of its images.
 
     With `tta`, metrics["tta"] also holds accuracy, top-5 and macro-F1 with and without test-time
-    augmentation (the image and its mirror averaged; see imgclf.tta). Writes `evaluation.json` and
+    augmentation (the image and its mirror averaged; see imgclf.evaluation.tta). Writes `evaluation.json` and
     `confusion_matrix.png` into the bundle folder unless `write` is False.
 
     Example:
@@ -49,9 +54,6 @@ def evaluate(
     store = ImageStore(images, model.preprocessing, memory_budget=0, description="decode")
     tta_metrics = None
     if tta:
-        from imgclf.calibration import softmax
-        from imgclf.tta import collect_predictions, tta_summary
-
         predictions = collect_predictions(model.forward_function(runtime), store, batch_size=batch_size, tta=True,
                                           desc="evaluate")
         probs, labels = softmax(predictions.logits, model.temperature), predictions.labels

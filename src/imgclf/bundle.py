@@ -22,7 +22,8 @@ from imgclf.data.dataset import ImageSet
 from imgclf.data.pipeline import ImageStore, Preprocessing, image_to_tensor, normalize
 from imgclf.errors import BundleError, check_format
 from imgclf.models.classifier import ImageClassifier, build_head, non_finite_tensors
-from imgclf.runtime import FrozenForward
+from imgclf.runtime import FrozenForward, run_frozen
+from imgclf.version import __version__
 
 BUNDLE_JSON = "imgclf.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -33,8 +34,6 @@ FORMAT_VERSION = 1
 def library_versions() -> dict[str, str]:
     import PIL
     import timm
-
-    from imgclf import __version__
 
     return {
         "imgclf": __version__,
@@ -168,8 +167,6 @@ class Model:
         self, store: ImageStore, *, batch_size: int = 64, runtime: str = "auto", desc: str = "predict"
     ) -> tuple[np.ndarray, np.ndarray]:
         """(probabilities N x C, labels N) for the readable images of a store."""
-        from imgclf.training.probe import run_frozen
-
         logits, labels, _ = run_frozen(
             self.forward_function(runtime), store, batch_size=batch_size, desc=desc
         )
@@ -231,6 +228,17 @@ class Model:
     def _top(self, row: np.ndarray, k: int) -> list[tuple[str, float]]:
         order = np.argsort(-row)[:k]
         return [(self.classes[j], float(row[j])) for j in order]
+
+
+def write_temperature(bundle_dir: str | Path, temperature: float) -> None:
+    """Store `temperature` as the top-level "temperature" of the bundle's imgclf.json.
+
+    `Model.predict` divides the logits by it, so predicted probabilities become calibrated.
+    """
+    folder = Path(bundle_dir)
+    meta = read_bundle_json(folder)
+    meta["temperature"] = float(temperature)
+    (folder / BUNDLE_JSON).write_text(json.dumps(meta, indent=2), encoding="utf-8")
 
 
 def read_bundle_json(folder: Path) -> dict[str, Any]:

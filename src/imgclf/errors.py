@@ -48,6 +48,10 @@ class ConfigError(ImgclfError):
     """A configuration value or file is invalid."""
 
 
+class ExportError(ImgclfError):
+    """An export could not be written, or it does not match the eager model."""
+
+
 def check_format(
     values: object, *, source: str, kind: str, format: str, version: int, error: type[ImgclfError]
 ) -> None:

@@ -27,17 +27,13 @@ import torch
 from torch import nn
 
 from imgclf.bundle import BUNDLE_JSON, Model
-from imgclf.errors import ImgclfError
+from imgclf.errors import ExportError, ImgclfError
+from imgclf.runtime.onnx import INPUT_NAME, OUTPUT_NAME, module_to_onnx, onnx_session
+from imgclf.version import __version__
 
 FORMATS: dict[str, str] = {"onnx": ".onnx", "torchscript": ".pt", "openvino": ".xml"}
 DEFAULT_TOLERANCE = 1e-3  # max |p_export - p_eager| for fp32; observed figures are ~1e-7
 PARITY_IMAGES = 32  # images the parity check runs on: enough to hit every class of a small set
-ONNX_OPSET = 17
-INPUT_NAME, OUTPUT_NAME = "input", "logits"
-
-
-class ExportError(ImgclfError):
-    """An export could not be written, or it does not match the eager model."""
 
 
 @dataclass
@@ -133,35 +129,7 @@ def export_model(
 
 
 # --------------------------------------------------------------------------------------------
-# Conversion: module -> file (also used in memory by runtime.FrozenForward)
-
-
-def module_to_onnx(module: nn.Module, image_size: int, target: str | Path) -> None:
-    """Write `module` as ONNX with a dynamic batch axis.
-
-    The TorchScript-based exporter is used while torch still ships it: on a 2-core machine it
-    exported the tiny test backbone in 1.2 s against 11.7 s for the torch.export-based one, and
-    gives the same graph for these CNNs. Without it, the torch.export-based exporter is used.
-    """
-    example = torch.zeros(1, 3, image_size, image_size)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # deprecation notices about the exporter, not about the model
-        try:
-            torch.onnx.export(
-                module, (example,), str(target), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-                opset_version=ONNX_OPSET, dynamo=False,
-            )
-            return
-        except (TypeError, RuntimeError, NotImplementedError):
-            pass  # this torch has no TorchScript-based exporter (or it failed): use torch.export
-        program = torch.onnx.export(
-            module, (example,), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-            dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, verbose=False,
-        )
-    if program is None:
-        raise ExportError("torch.onnx.export returned nothing", fix="upgrade torch and onnxscript")
-    program.save(str(target))
+# Conversion: module -> file (ONNX: `runtime.onnx`, shared with the in-memory ONNX engine)
 
 
 def module_to_torchscript(module: nn.Module, image_size: int) -> torch.jit.ScriptModule:
@@ -217,19 +185,6 @@ def load_exported(path: str | Path, format: str) -> Callable[[np.ndarray], np.nd
         compiled = core.compile_model(core.read_model(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
         return lambda x: np.asarray(compiled(x)[0])
     raise ExportError(f"unknown export format {format!r}", expected=", ".join(FORMATS))
-
-
-def onnx_session(model: str | bytes) -> Any:
-    """An onnxruntime CPU session for an ONNX file path or serialised model."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise ExportError(
-            "onnxruntime is not installed", fix="pip install 'imgclf[export]' (or pip install onnxruntime)"
-        ) from None
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only
-    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -353,8 +308,6 @@ def _artefacts(path: Path, format: str) -> list[Path]:
 
 
 def _sidecar(model: Model, format: str, path: Path, report: ParityReport) -> dict[str, Any]:
-    from imgclf import __version__
-
     size = model.preprocessing.image_size
     versions = {"imgclf": __version__, "torch": torch.__version__}
     for name in ("onnxruntime", "openvino"):

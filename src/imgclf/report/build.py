@@ -14,8 +14,12 @@ from typing import Any
 
 import numpy as np
 
-from imgclf.bundle import Model, read_bundle_json
-from imgclf.calibration import (
+from imgclf.bundle import Model, read_bundle_json, write_temperature
+from imgclf.data.dataset import Dataset, ImageSet
+from imgclf.data.pipeline import ImageStore
+from imgclf.data.sources import load_dataset
+from imgclf.errors import BundleError, ConfigError
+from imgclf.evaluation.calibration import (
     ECE_BINS,
     MAX_TEMPERATURE,
     MIN_TEMPERATURE,
@@ -24,18 +28,13 @@ from imgclf.calibration import (
     negative_log_likelihood,
     reliability_bins,
     softmax,
-    write_temperature,
 )
-from imgclf.data.dataset import Dataset, ImageSet
-from imgclf.data.pipeline import ImageStore
-from imgclf.data.sources import load_dataset
-from imgclf.errors import BundleError, ConfigError
-from imgclf.evaluation import classification_metrics, plot_confusion
+from imgclf.evaluation.metrics import classification_metrics, plot_confusion
+from imgclf.evaluation.tta import StorePredictions, collect_predictions, tta_summary
 from imgclf.progress import log
 from imgclf.report import figures
 from imgclf.report.html import render_report
 from imgclf.runtime import FrozenForward, pick_device
-from imgclf.tta import StorePredictions, collect_predictions, tta_summary
 
 REPORT_FOLDER = "report"  # inside the bundle folder, unless `out` is given
 REPORT_VERSION = 1

@@ -6,6 +6,7 @@ import ipaddress
 import socket
 from pathlib import Path
 
+from imgclf.bundle import Model
 from imgclf.errors import ConfigError
 from imgclf.progress import log
 from imgclf.serve.app import ServeSettings, create_app
@@ -66,12 +67,10 @@ def run_server(
     """
     import uvicorn
 
-    from imgclf.api import load
-
     check_bind(host, allow_remote=allow_remote)
     if not 0 <= port <= 65535:
         raise ConfigError(f"--port {port} is not a TCP port", expected="0 to 65535")
-    model = load(model_dir)
+    model = Model.load(model_dir)
     app = create_app(model, settings=settings)
     log(f"serving {model_dir} ({len(model.classes)} classes) on http://{host}:{port}/ (API docs at /docs)")
     uvicorn.run(app, host=host, port=port, log_level="warning", server_header=False, access_log=False)

@@ -42,8 +42,8 @@ from imgclf.data.pipeline import ImageStore, Preprocessing, default_workers
 from imgclf.files import DIGEST_BYTES, atomic_write, cache_dir, file_sha256, hash_tensor, weights_digest
 from imgclf.models.backbones import Backbone
 from imgclf.progress import log, progress
-from imgclf.runtime import stream_outputs
-from imgclf.training.probe import ProbeResult, run_frozen
+from imgclf.runtime import run_frozen, stream_outputs
+from imgclf.training.probe import ProbeResult
 
 FORMAT_VERSION = 2  # bump when the meaning of a stored feature or key changes (2: SHA-256 content keys)
 SHARD_SUFFIX = ".safetensors"

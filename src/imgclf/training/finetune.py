@@ -31,10 +31,9 @@ from imgclf.data.pipeline import Augmentation, ImageStore, normalize
 from imgclf.errors import ImgclfError
 from imgclf.models.classifier import ImageClassifier
 from imgclf.progress import log, progress
-from imgclf.runtime import FrozenForward, autocast
+from imgclf.runtime import FrozenForward, autocast, run_frozen
 from imgclf.training.balance import balanced_class_weights
 from imgclf.training.gpu import configure_cuda, place_store, run_with_batch_fallback, training_forward
-from imgclf.training.probe import run_frozen
 
 
 class Callback(Protocol):

@@ -4,41 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
-
-from imgclf import distributed
-from imgclf.data.pipeline import ImageStore
-from imgclf.progress import progress
-from imgclf.runtime import FrozenForward, stream_outputs
-
-
-def run_frozen(
-    forward: FrozenForward, store: ImageStore, *, batch_size: int, desc: str, shard: bool = False
-) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-    """Run a frozen network over every readable image of `store`.
-
-    Returns (outputs N x D float32, labels N, positions N): `positions` are the images' places in
-    `store` (unreadable images are left out, see store.failed). With `shard` under torchrun, each
-    rank runs its block of the images and every rank gets all the outputs, gathered in order (a
-    collective: every rank must call it).
-    """
-    outputs, labels, where = [], [], []
-    positions = distributed.shard_range(len(store)) if shard else np.arange(len(store))
-    bar = progress(total=len(positions), desc=desc)
-    for indices, out in stream_outputs(forward, store.batches(positions, batch_size), store.prep):
-        outputs.append(out)
-        labels.append(store.labels[torch.from_numpy(indices)])
-        where.append(torch.from_numpy(np.asarray(indices, dtype=np.int64)))
-        bar.update(len(indices))
-    bar.close()
-    local = ((torch.cat(outputs), torch.cat(labels), torch.cat(where)) if outputs
-             else (torch.zeros(0, 0), torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)))
-    if shard:
-        local = (distributed.gather_rows(local[0]), distributed.gather_rows(local[1]),
-                 distributed.gather_rows(local[2]))
-    return local[0], local[1], local[2].numpy()
 
 
 @dataclass

@@ -17,7 +17,6 @@ from torch import nn
 
 from imgclf import distributed
 from imgclf.bundle import Model, library_versions
-from imgclf.calibration import softmax
 from imgclf.config import TrainConfig, resolve_config, save_yaml, with_default_budget
 from imgclf.data.check import preflight
 from imgclf.data.dataset import Dataset, ImageSet
@@ -25,20 +24,21 @@ from imgclf.data.pipeline import ImageStore, Preprocessing, normalize
 from imgclf.data.sources import load_dataset, stratified_split
 from imgclf.errors import ConfigError
 from imgclf.evaluation import classification_metrics, plot_confusion
+from imgclf.evaluation.calibration import softmax
+from imgclf.evaluation.tta import StorePredictions
 from imgclf.models.backbones import Backbone, create_backbone, resolve_backbone
 from imgclf.models.classifier import ImageClassifier
 from imgclf.progress import log, log_to_file
-from imgclf.runtime import FrozenForward, compute_dtype, pick_device
+from imgclf.runtime import FrozenForward, compute_dtype, pick_device, run_frozen
 from imgclf.training.balance import balanced_class_weights
 from imgclf.training.checkpoint import Checkpointer, open_checkpointer
 from imgclf.training.eval_size import choose_eval_size
 from imgclf.training.feature_cache import LazyForward, cache_for, cached_features, cached_probe
 from imgclf.training.finetune import Callback, fit
-from imgclf.training.probe import PATH_STOP_DROP, fit_probe, run_frozen
+from imgclf.training.probe import PATH_STOP_DROP, fit_probe
 from imgclf.training.reproducible import make_deterministic
 from imgclf.training.runlog import MetricsLog, TensorBoardLog
 from imgclf.training.seed import DEFAULT_SEED_EPOCHS, build_seed_model, fit_seed, seed_meta, seed_setup
-from imgclf.tta import StorePredictions
 
 DEFAULT_FINETUNE_EPOCHS = 5  # with early stopping on val accuracy (patience 3)
 MIN_IMAGE_SIZE = 96  # below this lite0/ResNet final feature maps are 3x3 or smaller

@@ -1,4 +1,7 @@
-"""Metrics from predicted probabilities, and the confusion-matrix heatmap."""
+"""Metrics from predicted probabilities, and the confusion-matrix heatmap.
+
+Part of the evaluation layer (`imgclf.evaluation`), with calibration and TTA.
+"""
 
 from __future__ import annotations
 

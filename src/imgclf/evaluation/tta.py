@@ -3,6 +3,8 @@
 TTA here is the cheapest kind that reliably helps natural photos: every image is also run
 mirrored left-right, and the two softmax outputs are averaged. It doubles inference cost. It is
 wrong for classes that a mirror changes (digits, text, left/right), which is why it is an option.
+
+Part of the evaluation layer (`imgclf.evaluation`), above the runtime that runs the network.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import numpy as np
 import torch
 
 from imgclf.data.pipeline import ImageStore
+from imgclf.evaluation.calibration import softmax
+from imgclf.evaluation.metrics import classification_metrics
 from imgclf.progress import progress
 from imgclf.runtime import FrozenForward, stream_outputs
 
@@ -69,8 +73,6 @@ def collect_predictions(
 
 def tta_probabilities(predictions: StorePredictions, temperature: float = 1.0) -> np.ndarray:
     """N x C probabilities averaged over each image and its mirror (needs `tta=True` predictions)."""
-    from imgclf.calibration import softmax
-
     if predictions.mirrored_logits is None:
         raise ValueError("these predictions were collected without tta=True")
     return (softmax(predictions.logits, temperature) + softmax(predictions.mirrored_logits, temperature)) / 2
@@ -83,9 +85,6 @@ def tta_summary(predictions: StorePredictions, classes: list[str], temperature: 
         >>> tta_summary(preds, model.classes)["accuracy"]  # doctest: +SKIP
         0.912
     """
-    from imgclf.calibration import softmax
-    from imgclf.evaluation import classification_metrics
-
     keys = ("accuracy", "top5_accuracy", "macro_f1")
     plain = classification_metrics(softmax(predictions.logits, temperature), predictions.labels, classes)
     with_tta = classification_metrics(tta_probabilities(predictions, temperature), predictions.labels, classes)

@@ -5,18 +5,17 @@ The expected calibration error (ECE) measures the gap: images are binned by conf
 probability) and the |accuracy - confidence| of every bin is averaged, weighted by its share of
 images. Temperature scaling (Guo et al., 2017) divides the logits by one number T fitted on the
 validation split; it changes the confidences but never the predicted class.
+
+Part of the evaluation layer (`imgclf.evaluation`): pure functions of logits and labels. Storing
+the fitted temperature in a bundle is the bundle's business (`bundle.write_temperature`).
 """
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from imgclf.bundle import BUNDLE_JSON, read_bundle_json
 
 ECE_BINS = 15  # equal-width confidence bins, as in Guo et al. (2017)
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.05, 20.0  # search range; a fit at a bound means the val split is too easy
@@ -126,14 +125,3 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
             b = low + ratio * (high - low)
             fb = loss(b)
     return float(math.exp((low + high) / 2))
-
-
-def write_temperature(bundle_dir: str | Path, temperature: float) -> None:
-    """Store `temperature` as the top-level "temperature" of the bundle's imgclf.json.
-
-    `Model.predict` divides the logits by it, so predicted probabilities become calibrated.
-    """
-    folder = Path(bundle_dir)
-    meta = read_bundle_json(folder)
-    meta["temperature"] = float(temperature)
-    (folder / BUNDLE_JSON).write_text(json.dumps(meta, indent=2), encoding="utf-8")
