@@ -35,7 +35,7 @@ def test_train_evaluate_predict(tmp_path: Path, capsys: pytest.CaptureFixture[st
     meta = json.loads((out / "imgclf.json").read_text())
     assert meta["classes"] == ["class_0", "class_1", "class_2"]
     assert meta["config"]["epochs"] == 2 and meta["config"]["seed"] == 3  # flag > file > default
-    assert meta["recipe"] == "finetune" and len(meta["history"]) == 2
+    assert meta["recipe"] == "finetune" and [r["epoch"] for r in meta["history"]] == [0, 1, 2]  # 0: the probe
     assert meta["backbone"]["weights_source"] == "random init"
     assert meta["preprocessing"]["image_size"] == 32
     assert {"imgclf", "torch", "timm"} <= set(meta["versions"])

@@ -172,7 +172,7 @@ def test_seed_recipe_end_to_end(
     assert model.meta["head"]["kind"] == "mlp" and len(model.meta["head"]["layers"]) == 5
     assert model.preprocessing.image_size == 32  # native size, not upscaled
     assert len(model.meta["history"]) == epochs and model.meta["history"][0]["lr"] == pytest.approx(0.01)
-    assert (out / "confusion_val.png").is_file()
+    assert (out / "report" / "confusion_matrix.png").is_file()
     predictions = imgclf.load(out).predict([str(p) for p in sorted((data / "class_0").iterdir())[:2]], top_k=3)
     assert all(abs(sum(prob for _, prob in p.top_k) - 1.0) < 1e-4 for p in predictions)
     capsys.readouterr()

@@ -13,6 +13,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from imgclf.cli_ship import add_export, add_serve
@@ -36,7 +37,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--weights", help="local weights file (.safetensors or state-dict .pth)")
     p.add_argument("--random-init", action="store_true", default=None, help="train from random weights")
     p.add_argument("--val-fraction", type=float, help="share of train held out for validation (default 0.1)")
-    p.add_argument("--lr", type=float, help="peak learning rate of the head (default 1e-3)")
+    p.add_argument("--lr", type=float, help="peak learning rate of the head (default 3e-4)")
     p.add_argument("--augment", choices=["none", "light", "standard"])
     p.add_argument("--no-flip", dest="flip", action="store_false", default=None, help="no horizontal flips")
     p.add_argument("--patience", type=int, help="epochs without improvement before stopping")
@@ -51,6 +52,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                    help="wall-time limit in minutes: after the first epoch, none starts that would end past it")
     p.add_argument("--resume", action="store_true", default=None, help="continue from --out's newest checkpoint")
     p.add_argument("--checkpoint-minutes", type=float, help="minutes between checkpoints within an epoch (10)")
+    p.add_argument("--keep-checkpoints", action="store_true", default=None,
+                   help="keep OUT/checkpoints after the run ends well (by default they are deleted)")
     p.add_argument("--deterministic", action="store_true", default=None,
                    help="bit-identical results for the same seed (deterministic kernels, fixed threads)")
     p.add_argument("--tensorboard", action="store_true", default=None, help="also write TensorBoard logs")
@@ -115,6 +118,33 @@ def cmd_check(args: argparse.Namespace) -> int:
     encoding = sys.stdout.encoding or "utf-8"
     print(text.encode(encoding, "backslashreplace").decode(encoding))
     return 1 if report.problems() else 0
+
+
+def _add_compare(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("compare", help="the linear probe of several backbones on DATA, side by side")
+    p.add_argument("data", metavar="DATA")
+    p.add_argument("--backbones", help="comma-separated names (default: the curated ones available offline)")
+    p.add_argument("--image-size", type=int, help="one input size for all (default: each backbone's own)")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
+    p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+    p.set_defaults(handler=cmd_compare)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from imgclf.training.compare import compare_backbones
+
+    names = [n.strip() for n in args.backbones.split(",") if n.strip()] if args.backbones else None
+    rows = compare_backbones(args.data, names, image_size=args.image_size, precision=args.precision)
+    if args.json:
+        print(json.dumps({"backbones": [r.to_dict() for r in rows]}))
+        return 0
+    print(f"{'backbone':<28} {'size':>5} {'probe val':>9} {'img/s':>7} {'params':>8} {'MB':>6}")
+    for r in rows:
+        speed = f"{r.images_per_second:.0f}" if r.images_per_second else "cached"
+        print(f"{r.backbone:<28} {r.image_size:>5} {r.val_accuracy:>9.4f} {speed:>7} "
+              f"{r.parameters / 1e6:>7.1f}M {r.weights_mb:>6.1f}")
+    print(f"best probe: {rows[0].backbone} (train it with --backbone {rows[0].backbone})")
+    return 0
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -252,7 +282,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         truth = p.source.replace("\\", "/").split("/")[-2]
         print(f"  {p.source}: {p.label} ({p.probability:.3f}), true {truth}")
     print(f"bundle: {result['bundle']}")
-    print(f"plots: {metrics['confusion_matrix_png']}")
+    print(f"report: {Path(result['bundle']) / 'report' / 'report.html'}")
     print(f"finished in {result['seconds']:.0f} s")
     return 0
 
@@ -319,8 +349,8 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 
 COMMANDS: Sequence[Callable[[argparse._SubParsersAction], None]] = (  # type: ignore[type-arg]
-    _add_train, _add_check, _add_evaluate, _add_predict, _add_backbones, _add_demo, _add_report, _add_summary,
-    add_export, add_serve,
+    _add_train, _add_check, _add_compare, _add_evaluate, _add_predict, _add_backbones, _add_demo, _add_report,
+    _add_summary, add_export, add_serve,
 )
 
 

@@ -53,7 +53,8 @@ def run_demo(out: str | Path = "imgclf-demo", *, recipe: str = "finetune", epoch
         flip=False,  # a mirrored digit is not the same digit
         augment="light",
     )
-    metrics = evaluate(out / "model", str(data))
+    # write=False: the bundle's report already holds the confusion matrix; a second copy is clutter.
+    metrics = evaluate(out / "model", str(data), write=False)
     samples = collect_images([data / "test"])[::45][:8]
     predictions = model.predict([str(p) for p in samples], top_k=3)
     return {

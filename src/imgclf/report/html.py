@@ -204,22 +204,29 @@ def _section_run(report: dict[str, Any]) -> str:
     return "".join(parts) + "</section>"
 
 
+def _history_row(index: int, record: dict[str, Any]) -> str:
+    """One epoch's row; epoch 0 (the probe's head) has val scores only."""
+    dash = "&ndash;"
+    cells = [f"{record['epoch']}{' (probe)' if record['epoch'] == 0 else ''}"]
+    cells += [number(record[k], ["run", "history", index, k]) if k in record else dash
+              for k in ("train_loss", "val_loss", "train_accuracy", "val_accuracy")]
+    cells += [format(record["lr"], ".2e") if "lr" in record else dash, "kept" if record.get("selected") else ""]
+    return "<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
+
+
 def _section_curves(report: dict[str, Any], uris: dict[str, str]) -> str:
     parts = [_open("curves")]
     history = report["run"]["history"]
     if "training_curves" in uris:
         parts.append(f'<figure class="plot">{_img(uris["training_curves"], "training curves")}</figure>')
-        rows = "".join(
-            f"<tr><td>{r['epoch']}</td>"
-            + "".join(f"<td>{number(r.get(k), ['run', 'history', i, k])}</td>"
-                      for k in ("train_loss", "val_loss", "train_accuracy", "val_accuracy"))
-            + f"<td>{r.get('lr', 0):.2e}</td></tr>"
-            for i, r in enumerate(history)
-        )
+        rows = "".join(_history_row(i, r) for i, r in enumerate(history))
         parts.append("<table><tr><th>epoch</th><th>train loss</th><th>val loss</th><th>train acc</th>"
-                     f"<th>val acc</th><th>lr</th></tr>{rows}</table>")
-        parts.append('<p class="note">Training loss and accuracy are measured on augmented images with label '
-                     "smoothing, so they can sit below validation. The best validation epoch is the one kept.</p>")
+                     f"<th>val acc</th><th>lr</th><th>bundle</th></tr>{rows}</table>")
+        parts.append('<p class="note">Epoch 0 is the linear probe\'s head on the frozen pretrained backbone, where '
+                     "fine-tuning starts. The bundle holds the candidate with the best validation accuracy (then "
+                     "loss), the probe included, so it is never worse on validation than the probe. Training loss "
+                     "and accuracy are measured on augmented images with label smoothing, so they can sit below "
+                     "validation.</p>")
     elif report["run"].get("recipe") == "probe":
         parts.append('<p class="note" data-empty="curves">The <b>probe</b> recipe has no epochs: the head is fitted '
                      "in one step (L-BFGS logistic regression on frozen features), so there are no curves. The "

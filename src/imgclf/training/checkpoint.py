@@ -20,6 +20,7 @@ Loading reads JSON and safetensors only: nothing is unpickled.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -49,7 +50,7 @@ TRASH_PREFIX = ".trash-"
 # runs, not what it computes.
 RESUMABLE_CHANGES = frozenset(
     {"out", "device", "workers", "memory_fraction", "resume", "tensorboard", "checkpoint_minutes", "compile",
-     "scan_cache"}
+     "scan_cache", "keep_checkpoints"}
 )
 # Test hook: seconds to sleep in the middle of every checkpoint write, so a test can kill it there.
 PAUSE_ENV = "IMGCLF_TEST_CHECKPOINT_PAUSE"
@@ -309,6 +310,8 @@ class Checkpointer:
         result.history = list(record["history"])
         result.best_epoch = int(record["best_epoch"])
         result.best_val_accuracy = float(record["best_val_accuracy"])
+        loss = record.get("best_val_loss")  # absent before 2026-11-30; None for inf
+        result.best_val_loss = math.inf if loss is None else float(loss)
         result.stopped_early = bool(record["stopped_early"])
         set_rng_states(checkpoint.part("rng"), saved["rng"])
 
@@ -354,16 +357,28 @@ class Checkpointer:
             "optimizer": {"state": plain, "param_groups": optimizer_state["param_groups"]},
             "scheduler": scheduler.state_dict(),
             "result": {"history": result.history, "best_epoch": result.best_epoch,
-                       "best_val_accuracy": result.best_val_accuracy, "stopped_early": result.stopped_early},
+                       "best_val_accuracy": result.best_val_accuracy, "stopped_early": result.stopped_early,
+                       "best_val_loss": result.best_val_loss if math.isfinite(result.best_val_loss) else None},
         }
         self._write(values, tensors)
 
     # -- files -------------------------------------------------------------------------------
 
-    def finish(self) -> None:
-        """Mark the run complete (its bundle is saved), so a new run may reuse the folder."""
+    def finish(self, *, keep: bool = False) -> None:
+        """Mark the run complete (its bundle is saved), so a new run may reuse the folder.
+
+        Unless `keep` (`--keep-checkpoints`), the checkpoints are deleted: the bundle holds the
+        result, and a checkpoint with its optimizer state is ~3.5x the weights (a 10-class photo run
+        left 105 MB beside its 14 MB `model.safetensors`).
+        """
         self.folder.mkdir(parents=True, exist_ok=True)  # a seed run writes no checkpoints before this
         atomic_write_text(self.folder / FINISHED_FILE, json.dumps({"seq": self.seq}) + "\n")
+        if keep:
+            return
+        for folder in checkpoint_folders(self.folder.parent):
+            trash = folder.with_name(f"{TRASH_PREFIX}{folder.name}-{os.getpid()}")
+            os.replace(folder, trash)  # atomically gone, then deleted at leisure
+            shutil.rmtree(trash, ignore_errors=True)
 
     def _write(self, values: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         from safetensors.torch import save_file
@@ -413,7 +428,7 @@ class ReplicaCheckpointer(Checkpointer):
     It still checks the weights before each (skipped) save, so a NaN stops every rank alike.
     """
 
-    def finish(self) -> None:
+    def finish(self, *, keep: bool = False) -> None:
         pass
 
     def _write(self, values: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:

@@ -44,10 +44,28 @@ class Callback(Protocol):
 
 @dataclass
 class FitResult:
+    """What `fit` did: one record per epoch (epoch 0: the starting model, the probe's head), and the one kept."""
+
     history: list[dict[str, Any]] = field(default_factory=list)
-    best_epoch: int = 0
+    best_epoch: int = 0  # 0: the starting model (the probe's head on the pretrained backbone) was kept
     best_val_accuracy: float = 0.0
     stopped_early: bool = False
+    best_val_loss: float = math.inf
+
+
+def is_better(val_accuracy: float, val_loss: float, result: FitResult) -> bool:
+    """Whether a model scoring (`val_accuracy`, `val_loss`) on val beats `result`'s best so far.
+
+    Accuracy first, then the loss on ties: on a small val set (162 digits, one image 0.6 points)
+    equal accuracies are common, and the mean cross-entropy separates them on every image.
+
+    Example:
+        >>> is_better(0.9, 0.3, FitResult(best_val_accuracy=0.9, best_val_loss=0.4))
+        True
+    """
+    if val_accuracy != result.best_val_accuracy:
+        return val_accuracy > result.best_val_accuracy
+    return val_loss < result.best_val_loss
 
 
 @dataclass
@@ -128,6 +146,19 @@ class WarmupCosine:
             start, end = self.time_window
             progress_ = max(progress_, (self.clock() - start) / max(end - start, 1e-9))
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress_)))
+
+
+MIN_WARMUP_STEPS = 10  # digits, 2 epochs at lr 3e-4: val 0.937 with 10 warm-up steps, 0.923 with 2 (5%)
+
+
+def warmup_steps(total_steps: int, fraction: float) -> int:
+    """Steps of linear warm-up: `fraction` of all steps, at least `MIN_WARMUP_STEPS` (at most a quarter of all).
+
+    Example:
+        >>> warmup_steps(46, 0.05), warmup_steps(7000, 0.05), warmup_steps(8, 0.05)
+        (10, 350, 2)
+    """
+    return max(1, int(fraction * total_steps), min(MIN_WARMUP_STEPS, total_steps // 4))
 
 
 REPLAN_FROM_STEP = 5  # budget runs: time steps REPLAN_FROM_STEP..REPLAN_AT_STEP of the first epoch (the
@@ -288,8 +319,13 @@ def fit(
     deadline: float | None = None,
     max_epochs: int | None = None,
     clock: Callable[[], float] = time.perf_counter,
+    baseline: dict[str, float] | None = None,
 ) -> FitResult:
     """Fine-tune `model` in place for up to `epochs`, then load the best epoch's weights.
+
+    `baseline` holds the starting model's val scores (`val_accuracy`, `val_loss`; the probe's head
+    on the frozen backbone, scored on the same val images): it is candidate epoch 0, so the model
+    returned is never worse on val than the one fine-tuning started from (`is_better` decides).
 
     With a `checkpointer`, the run continues from its last checkpoint (if any) and saves a new
     one after every epoch and whenever `checkpointer.due()` says so within an epoch.
@@ -323,7 +359,7 @@ def fit(
         nonlocal epochs
         epochs = count
         schedule.total_steps = steps_per_epoch * count
-        schedule.warmup_steps = max(1, int(cfg.warmup_fraction * schedule.total_steps))
+        schedule.warmup_steps = warmup_steps(schedule.total_steps, cfg.warmup_fraction)
 
     set_epochs(epochs)
     # A lambda, not the object: LambdaLR would put the object's fields (a clock) in its state_dict.
@@ -338,6 +374,12 @@ def fit(
     state = LoopState()
     if checkpointer is not None:
         checkpointer.restore_fit(model, optimizer, scheduler, state, result)
+    if state.best_state is None and baseline is not None:  # a new run: the starting model is the one to beat
+        result.history.append({"epoch": 0, "model": "probe head, frozen backbone", "val_loss": baseline["val_loss"],
+                               "val_accuracy": baseline["val_accuracy"]})
+        result.best_epoch, result.best_val_accuracy = 0, baseline["val_accuracy"]
+        result.best_val_loss = baseline["val_loss"]
+        state.best_state = copy.deepcopy(model.state_dict())
     # Frozen BatchNorm statistics are the same on every rank: no need to broadcast them each step.
     net = training_forward(distributed.wrap(model, device, broadcast_buffers=not cfg.freeze_bn),
                            compile_model=cfg.compile)
@@ -396,8 +438,8 @@ def fit(
             f" | val loss {val_loss:.4f} acc {val_acc:.4f} | {record['train_images_per_s']:.1f} img/s,"
             f" {record['train_seconds']:.0f} s"
         )
-        if state.best_state is None or val_acc > result.best_val_accuracy:
-            result.best_epoch, result.best_val_accuracy = epoch, val_acc
+        if state.best_state is None or is_better(val_acc, val_loss, result):
+            result.best_epoch, result.best_val_accuracy, result.best_val_loss = epoch, val_acc, val_loss
             state.best_state = copy.deepcopy(model.state_dict())
             state.since_best = 0
         else:
@@ -422,5 +464,7 @@ def fit(
                 hook(record, model)
     if state.best_state is not None:
         model.load_state_dict(state.best_state)
+    for record in result.history:
+        record["selected"] = record["epoch"] == result.best_epoch
     model.eval()
     return result

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -23,7 +24,7 @@ from imgclf.data.dataset import Dataset, ImageSet
 from imgclf.data.pipeline import ImageStore, Preprocessing, normalize
 from imgclf.data.sources import load_dataset, stratified_split
 from imgclf.errors import ConfigError
-from imgclf.evaluation import classification_metrics, plot_confusion
+from imgclf.evaluation import classification_metrics
 from imgclf.evaluation.calibration import softmax
 from imgclf.evaluation.tta import StorePredictions
 from imgclf.models.backbones import Backbone, create_backbone, resolve_backbone
@@ -35,7 +36,8 @@ from imgclf.training.checkpoint import Checkpointer, open_checkpointer
 from imgclf.training.eval_size import choose_eval_size
 from imgclf.training.feature_cache import LazyForward, cache_for, cached_features, cached_probe
 from imgclf.training.finetune import Callback, fit
-from imgclf.training.probe import PATH_STOP_DROP, fit_probe
+from imgclf.training.precision import training_dtype
+from imgclf.training.probe import PATH_STOP_DROP, STD_FLOOR, fit_probe
 from imgclf.training.reproducible import make_deterministic
 from imgclf.training.runlog import MetricsLog, TensorBoardLog
 from imgclf.training.seed import DEFAULT_SEED_EPOCHS, build_seed_model, fit_seed, seed_meta, seed_setup
@@ -178,6 +180,8 @@ def _train(cfg: TrainConfig, out: Path) -> Model:
             deadline = min(deadline or float("inf"), started + 60 * cfg.time_budget_minutes)
     else:
         backbone = create_backbone(cfg.backbone, weights=cfg.weights, random_init=cfg.random_init)
+        if cfg.recipe == "finetune":  # frozen passes keep `compute_dtype`'s choice; training steps are timed
+            dtype = _training_dtype(backbone, len(dataset.classes), cfg, device)
         if cfg.time_budget_minutes:
             from imgclf.training.budget import MAX_EPOCHS, plan_run
 
@@ -229,6 +233,7 @@ def _train(cfg: TrainConfig, out: Path) -> Model:
         "metrics": metrics,
         "probe": fitted.probe_info,
         "history": fitted.history,
+        **({"selection": selection_summary(fitted.history)} if fitted.history else {}),
         **({"test_time_size": fitted.eval_size} if fitted.eval_size else {}),
         "skipped_files": skipped,
         "wall_seconds": round(time.perf_counter() - started, 1),
@@ -240,15 +245,8 @@ def _train(cfg: TrainConfig, out: Path) -> Model:
     if not distributed.is_main():  # the other ranks' work ends here: rank 0 writes everything
         return trained
     trained.save(out)
-    checkpointer.finish()
+    checkpointer.finish(keep=cfg.keep_checkpoints)
     (out / "history.json").write_text(json.dumps(fitted.history, indent=2), encoding="utf-8")
-    for split, values in metrics.items():
-        try:
-            plot_confusion(values["confusion_matrix"], dataset.classes, out / f"confusion_{split}.png",
-                           f"{split}: accuracy {values['accuracy']:.3f}")
-        except ImportError:  # a bare GPU machine may lack matplotlib: the bundle and metrics are saved
-            log("warning: matplotlib is not installed; no confusion-matrix plots (pip install matplotlib)")
-            break
     if skipped:
         (out / "skipped_files.txt").write_text(
             # surrogateescape: a file name that is not valid UTF-8 is written back as its own bytes
@@ -262,6 +260,36 @@ def _train(cfg: TrainConfig, out: Path) -> Model:
     summary = ", ".join(f"{k} accuracy {v['accuracy']:.4f}" for k, v in metrics.items())
     log(f"done in {meta['wall_seconds']:.0f} s: {summary}; bundle in {out}")
     return trained
+
+
+def _training_dtype(backbone: Backbone, num_classes: int, cfg: TrainConfig, device: torch.device) -> torch.dtype:
+    """`training_dtype` for the backbone with a new head; under torchrun every rank follows rank 0."""
+    def measure() -> torch.dtype:
+        trial = ImageClassifier(copy.deepcopy(backbone.model), nn.Linear(backbone.num_features, num_classes))
+        trial.set_backbone_trainable(True, freeze_bn=cfg.freeze_bn)
+        return training_dtype(trial, device=device, precision=cfg.precision,
+                              image_size=cfg.image_size or MIN_IMAGE_SIZE, batch_size=cfg.batch_size)
+
+    dtype: torch.dtype = distributed.rank0_result(measure, everywhere=True)
+    return dtype
+
+
+def selection_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """Which candidate the bundle holds (the probe's head, epoch 0, or a fine-tuned epoch) and every val score.
+
+    Example:
+        >>> selection_summary([{"epoch": 0, "val_accuracy": 0.9, "val_loss": 0.3, "selected": True},
+        ...                    {"epoch": 1, "val_accuracy": 0.8, "val_loss": 0.5, "selected": False}])["chosen"]
+        'probe'
+    """
+    chosen = next((r for r in history if r.get("selected")), history[-1])
+    return {
+        "chosen": "probe" if chosen["epoch"] == 0 else f"epoch {chosen['epoch']}",
+        "epoch": chosen["epoch"],
+        "rule": "the highest val accuracy, then the lowest val loss, over the probe's head (epoch 0) and every epoch",
+        "candidates": [{"epoch": r["epoch"], "val_accuracy": r.get("val_accuracy"), "val_loss": r.get("val_loss")}
+                       for r in history],
+    }
 
 
 def _preprocessing(backbone: Backbone, dataset: Dataset, cfg: TrainConfig, device: torch.device) -> Preprocessing:
@@ -341,10 +369,15 @@ def _fit(
     if finetune and epochs > 0:
         result = fit(model, stores["train"], stores["val"], cfg, epochs=epochs, device=device, dtype=dtype,
                      callbacks=callbacks, checkpointer=checkpointer, deadline=deadline, max_epochs=epoch_cap,
-                     clock=distributed.clock)
+                     clock=distributed.clock, baseline=probe_info.get("selection"))
         history = result.history
-        log(f"best epoch {result.best_epoch}: val accuracy {result.best_val_accuracy:.4f}")
-        if cfg.test_time_size_search and cfg.augment == "standard":
+        if result.best_epoch == 0:
+            log(f"kept the probe's head on the pretrained backbone: val accuracy {result.best_val_accuracy:.4f} "
+                "(no fine-tuned epoch scored better on val)")
+        else:
+            log(f"best epoch {result.best_epoch}: val accuracy {result.best_val_accuracy:.4f}")
+        # The size search is for networks trained on random-resized crops; the probe's backbone never was.
+        if cfg.test_time_size_search and cfg.augment == "standard" and result.best_epoch > 0:
             chosen, eval_size = choose_eval_size(
                 model, dataset.val, prep, train_size_accuracy=result.best_val_accuracy,
                 batch_size=cfg.batch_size, device=device, precision=cfg.precision, memory_budget=budget // 4,
@@ -398,17 +431,26 @@ def _fit_head(
     train_x, train_y, _ = frozen_features(forward, head_store, batch_size=cfg.batch_size, desc="features train")
     val_x, val_y, val_at = frozen_features(forward, stores["val"], batch_size=cfg.batch_size, desc="features val")
     weight = balanced_class_weights(train_y, len(dataset.classes)) if cfg.balance else None
+    # Fine-tuning goes on minimising the label-smoothed loss: the head starts at that loss's optimum.
+    smoothing = cfg.label_smoothing if finetune else 0.0
     probe, reused = cached_probe(
-        lambda: fit_probe(train_x, train_y, val_x, val_y, len(dataset.classes), cfg.probe_l2, class_weight=weight),
+        lambda: fit_probe(train_x, train_y, val_x, val_y, len(dataset.classes), cfg.probe_l2, class_weight=weight,
+                          label_smoothing=smoothing),
         cache, inputs=[train_x, train_y, val_x, val_y, weight],
-        settings={"classes": len(dataset.classes), "l2": sorted(cfg.probe_l2), "stop": PATH_STOP_DROP},
+        settings={"classes": len(dataset.classes), "l2": sorted(cfg.probe_l2), "stop": PATH_STOP_DROP,
+                  "std_floor": STD_FLOOR, **({"label_smoothing": smoothing} if smoothing else {})},
     )
     log(f"linear probe: val accuracy {probe.val_accuracy:.4f} (L2 {probe.l2:g}; "
         + ", ".join(f"{k:g}: {v:.3f}" for k, v in sorted(probe.scores.items())) + ")"
         + ("; the head fitted on these same features before, from the cache" if reused else ""))
     model = ImageClassifier(backbone.model, probe.head)
+    with torch.no_grad():  # the probe's scores in the terms fine-tuning's epochs are chosen by (see finetune.fit)
+        val_logits = probe.head(val_x) if len(val_y) else torch.zeros(0, len(dataset.classes))
+        val_loss = float(nn.functional.cross_entropy(val_logits, val_y)) if len(val_y) else 0.0
+        val_accuracy = float((val_logits.argmax(1) == val_y).float().mean()) if len(val_y) else 0.0
     probe_info = {"l2": probe.l2, "val_accuracy": probe.val_accuracy,
-                  "scores": {f"{k:g}": v for k, v in probe.scores.items()}, "images": len(train_y)}
+                  "scores": {f"{k:g}": v for k, v in probe.scores.items()}, "images": len(train_y),
+                  "label_smoothing": smoothing, "selection": {"val_loss": val_loss, "val_accuracy": val_accuracy}}
     predictions: dict[str, StorePredictions] = {}
     if not finetune or cfg.epochs == 0:
         # The backbone will not change: score the probe's head on features already computed.

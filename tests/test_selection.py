@@ -1,0 +1,137 @@
+"""LP-FT keeps what the probe found: fine-tuning starts at the probe's logits, and the bundle is the
+best of the probe's head and every fine-tuned epoch on val.
+
+Precision-sensitive checks run in both precisions, forced, whatever the CPU has (bf16 autocast is
+emulated where the CPU lacks it; OpenVINO's bf16 hint then falls back to fp32).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_BACKBONE, make_image_folder
+
+# Largest |logit difference| allowed between the training network at step 0 and the probe's head on
+# the frozen runtime's features, relative to the largest |logit|. fp32: float rounding (measured
+# < 1e-5). bf16 keeps 8 bits of mantissa: measured up to 2% of the largest logit (AMD EPYC with
+# AVX512-BF16, 2026-11-30). A dropout left on in training mode, other preprocessing or another layout
+# give differences of the size of the logits themselves.
+RELATIVE_TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2}
+
+
+def runtimes() -> list[str]:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return ["torch"]
+    return ["torch", "openvino"]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("runtime", runtimes())
+def test_training_network_starts_at_the_probes_logits(tmp_path: Path, runtime: str, precision: str) -> None:
+    from imgclf.data.pipeline import ImageStore, Preprocessing, normalize
+    from imgclf.data.sources import load_dataset
+    from imgclf.models.backbones import create_backbone
+    from imgclf.models.classifier import ImageClassifier
+    from imgclf.runtime import FrozenForward, autocast, compute_dtype, run_frozen
+    from imgclf.training.probe import fit_probe
+
+    torch.manual_seed(0)
+    data = make_image_folder(tmp_path / "data", classes=3, per_class=12, size=40)
+    dataset = load_dataset(str(data), val_fraction=0.25, seed=0)
+    prep = Preprocessing(image_size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    train = ImageStore(dataset.train, prep, memory_budget=2**30)
+    val = ImageStore(dataset.val, prep, memory_budget=2**30)
+    backbone = create_backbone(TINY_BACKBONE, random_init=True).model
+    device = torch.device("cpu")
+    forward = FrozenForward(backbone, image_size=32, device=device, precision=precision, runtime=runtime)
+    train_x, train_y, _ = run_frozen(forward, train, batch_size=8, desc="train")
+    val_x, val_y, _ = run_frozen(forward, val, batch_size=8, desc="val")
+    head = fit_probe(train_x, train_y, val_x, val_y, 3, [1e-2, 1e-1], label_smoothing=0.1).head
+
+    # The network as train_one_epoch sees it: train mode, BatchNorm frozen, channels_last, autocast.
+    model = ImageClassifier(backbone, head).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    model.set_backbone_trainable(True, freeze_bn=True)
+    _, batch = train.batch(np.arange(len(train)))
+    with torch.no_grad(), autocast(device, compute_dtype(device, precision)):
+        training_logits = model(normalize(batch, prep)).float()
+    with torch.no_grad():
+        probe_logits = head(train_x)
+    scale = float(probe_logits.abs().max())
+    difference = float((training_logits - probe_logits).abs().max())
+    assert difference <= RELATIVE_TOLERANCE[precision] * scale, (difference, scale)
+    # The same predictions, except where the probe itself is undecided within the tolerance.
+    top2 = probe_logits.topk(2, dim=1).values
+    decided = (top2[:, 0] - top2[:, 1]) > 2 * RELATIVE_TOLERANCE[precision] * scale
+    assert torch.equal(training_logits.argmax(1)[decided], probe_logits.argmax(1)[decided])
+
+
+def test_ruinous_fine_tuning_leaves_the_probe_head_in_the_bundle(tmp_path: Path) -> None:
+    import imgclf
+
+    data = make_image_folder(tmp_path / "data", classes=3, per_class=16, size=40)
+    out = tmp_path / "run"
+    # lr 3 per AdamW step moves every weight by ~3: the fine-tuned network is wrecked at once.
+    model = imgclf.train(data=str(data), out=str(out), backbone=TINY_BACKBONE, random_init=True,
+                         recipe="finetune", image_size=32, batch_size=8, epochs=2, lr=3.0, precision="fp32",
+                         test_time_size_search=False)
+    history = json.loads((out / "history.json").read_text())
+    assert [r["epoch"] for r in history] == [0, 1, 2]
+    probe, *epochs = history
+    assert all(r["val_accuracy"] < probe["val_accuracy"] for r in epochs), history  # it really was ruined
+    assert probe["selected"] and not any(r["selected"] for r in epochs)
+    meta = json.loads((out / "imgclf.json").read_text())
+    assert meta["selection"]["chosen"] == "probe" and meta["selection"]["epoch"] == 0
+    assert [c["epoch"] for c in meta["selection"]["candidates"]] == [0, 1, 2]
+    assert meta["metrics"]["val"]["accuracy"] == pytest.approx(probe["val_accuracy"], abs=1e-6)
+    assert model.meta["metrics"]["val"]["accuracy"] >= max(r["val_accuracy"] for r in epochs)
+    assert "kept the probe's head" in (out / "train.log").read_text()
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_checkpoints_are_deleted_after_a_good_run_unless_kept(tmp_path: Path, keep: bool) -> None:
+    import imgclf
+    from imgclf.training import checkpoint as ckpt
+
+    data = make_image_folder(tmp_path / "data", classes=3, per_class=8, size=32)
+    out = tmp_path / "run"
+    imgclf.train(data=str(data), out=str(out), backbone=TINY_BACKBONE, random_init=True, recipe="finetune",
+                 image_size=32, batch_size=8, epochs=1, keep_checkpoints=keep, test_time_size_search=False)
+    assert (out / ckpt.CHECKPOINTS / ckpt.FINISHED_FILE).is_file()
+    assert bool(ckpt.checkpoint_folders(out)) is keep
+    assert not [p for p in (out / ckpt.CHECKPOINTS).iterdir() if p.name.startswith(ckpt.TRASH_PREFIX)]
+    # One confusion image, the report's (val's numbers are in imgclf.json).
+    assert [p.relative_to(out).as_posix() for p in out.rglob("*confusion*.png")] == ["report/confusion_matrix.png"]
+    # The folder can be trained into again without --resume.
+    imgclf.train(data=str(data), out=str(out), backbone=TINY_BACKBONE, random_init=True, recipe="finetune",
+                 image_size=32, batch_size=8, epochs=1, test_time_size_search=False)
+
+
+def test_compare_ranks_backbones_by_probe_accuracy(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from imgclf.cli import main
+    from imgclf.models import backbones
+
+    def create(name: str, **options: object) -> backbones.Backbone:  # the tiny test models have no weights
+        torch.manual_seed(0)  # the same random weights every time, so the feature cache can hit
+        return backbones.create_backbone(name, random_init=True)
+
+    monkeypatch.setattr("imgclf.training.compare.create_backbone", create)
+    data = make_image_folder(tmp_path / "data", classes=3, per_class=12, size=32)
+    args = ["compare", str(data), "--backbones", f"{TINY_BACKBONE},test_resnet", "--image-size", "32", "--json"]
+    assert main(args) == 0
+    rows = json.loads(capsys.readouterr().out)["backbones"]
+    assert [r["backbone"] for r in rows] in ([TINY_BACKBONE, "test_resnet"], ["test_resnet", TINY_BACKBONE])
+    assert rows[0]["val_accuracy"] >= rows[1]["val_accuracy"]
+    assert all(r["image_size"] == 32 and r["parameters"] > 0 and r["images_per_second"] for r in rows)
+    # Again: every feature comes from the cache, so no forward pass runs and no speed is measured.
+    assert main(args) == 0
+    again = json.loads(capsys.readouterr().out)["backbones"]
+    assert [r["val_accuracy"] for r in again] == [r["val_accuracy"] for r in rows]
+    assert all(r["images_per_second"] is None for r in again)
