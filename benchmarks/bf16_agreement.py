@@ -40,7 +40,8 @@ def main() -> None:
     model = Model.load(args.bundle)
     images, _ = load_eval_split(args.data, model.classes)
     picks = np.random.default_rng(0).choice(len(images), size=min(args.images, len(images)), replace=False)
-    store = ImageStore(images.subset(np.sort(picks)), model.preprocessing, memory_budget=2**31, description="decode")
+    store = ImageStore.decode(images.subset(np.sort(picks)), model.preprocessing, memory_budget=2**31,
+                              description="decode")
     batches = [(store.labels[torch.from_numpy(i)], normalize(b, model.preprocessing))
                for i, b in store.batches(np.arange(len(store)), args.batch_size)]
     labels = torch.cat([y for y, _ in batches]).numpy()

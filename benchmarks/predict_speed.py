@@ -65,7 +65,7 @@ def plain(bundle: str, folder: str, batch_size: int) -> None:
     net = model.module.eval().to(memory_format=torch.contiguous_format)
     files = sorted(str(p) for p in Path(folder).iterdir())
     start = time.perf_counter()
-    store = ImageStore(ImageSet(files, np.zeros(len(files), dtype=np.int64)), model.preprocessing,
+    store = ImageStore.decode(ImageSet(files, np.zeros(len(files), dtype=np.int64)), model.preprocessing,
                        memory_budget=2**30, description="decode")
     labels: list[int] = []
     with torch.inference_mode():

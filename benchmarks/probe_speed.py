@@ -117,7 +117,7 @@ def interleaved(backbone: str, size: int, data: Path, rounds: int, block: int) -
     results = []
     for r in range(rounds):
         before = bare()
-        store = ImageStore(train.subset(np.arange(r * block, (r + 1) * block)), prep, memory_budget=0)
+        store = ImageStore.decode(train.subset(np.arange(r * block, (r + 1) * block)), prep, memory_budget=0)
         start = time.perf_counter()
         outputs, _, _ = run_frozen(forward, store, batch_size=64, desc="extract")
         extraction = len(outputs) / (time.perf_counter() - start)

@@ -54,7 +54,7 @@ def worker(args: argparse.Namespace) -> None:
                              interpolation=str(config.get("interpolation", "bicubic")))
         threads = torch.get_num_threads()
         # memory_budget 0: streamed from disk, as the probe reads its images.
-        store = ImageStore(images, prep, memory_budget=0, workers=distributed.cpu_cores())
+        store = ImageStore.decode(images, prep, memory_budget=0, workers=distributed.cpu_cores())
         forward = FrozenForward(backbone.model, image_size=prep.image_size, device=torch.device("cpu"))
         forward(torch.zeros(args.batch_size, 3, prep.image_size, prep.image_size))  # warm-up
         distributed.agree(None)  # every process ready: start the clock together

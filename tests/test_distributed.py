@@ -155,7 +155,7 @@ def val_logits(bundle: Path, data: Path) -> tuple[torch.Tensor, float]:
 
     model = imgclf.load(bundle)
     dataset = load_dataset(str(data), val_fraction=0.1, seed=0)
-    store = ImageStore(dataset.val, model.preprocessing, memory_budget=2**30)
+    store = ImageStore.decode(dataset.val, model.preprocessing, memory_budget=2**30)
     _, batch = store.batch(np.arange(len(store)))
     with torch.no_grad():
         logits = model.module.eval()(normalize(batch, model.preprocessing))

@@ -53,7 +53,7 @@ class CountingForward:
 
 def _store(root: Path) -> ImageStore:
     dataset = load_dataset(str(root), val_fraction=0.2, seed=0)
-    return ImageStore(dataset.train, PREP, memory_budget=2**30, workers=1)
+    return ImageStore.decode(dataset.train, PREP, memory_budget=2**30, workers=1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -283,8 +283,8 @@ def test_stores_decode_into_channels_last_batches_in_memory_and_streamed(tmp_pat
             Image.fromarray(pixels).save(tmp_path / "data" / f"c{c}" / f"{i}.jpg")
     images = load_dataset(str(tmp_path / "data"), val_fraction=0.2, seed=0).train
     expected = torch.stack([reference(p) for p in images.paths])
-    in_memory = ImageStore(images, PREP, memory_budget=2**30, workers=2)
-    streamed = ImageStore(images, PREP, memory_budget=0, workers=2)
+    in_memory = ImageStore.decode(images, PREP, memory_budget=2**30, workers=2)
+    streamed = ImageStore.decode(images, PREP, memory_budget=0, workers=2)
     assert in_memory.in_memory and not streamed.in_memory
     order = np.array([3, 0, 7, 1, 5])
     for store in (in_memory, streamed):
@@ -427,8 +427,8 @@ def test_fit_stops_mid_epoch_at_a_hard_deadline_and_keeps_the_best_weights(tmp_p
     torch.manual_seed(0)
     root = make_image_folder(tmp_path / "data", per_class=12)
     dataset = load_dataset(str(root), val_fraction=0.25, seed=0)
-    train = ImageStore(dataset.train, PREP, memory_budget=2**30, workers=1)
-    val = ImageStore(dataset.val, PREP, memory_budget=2**30, workers=1)
+    train = ImageStore.decode(dataset.train, PREP, memory_budget=2**30, workers=1)
+    val = ImageStore.decode(dataset.val, PREP, memory_budget=2**30, workers=1)
     backbone = create_backbone(TINY_BACKBONE, random_init=True)
     model = ImageClassifier(backbone.model, nn.Linear(backbone.num_features, 3))
     cfg = TrainConfig(data="d", out="o", batch_size=4, time_budget_minutes=1.0, augment="none", patience=5)
@@ -476,8 +476,8 @@ def test_a_budget_run_re_plans_its_epochs_on_the_first_steps(tmp_path: Path, max
 
     torch.manual_seed(0)
     dataset = load_dataset(str(make_image_folder(tmp_path / "data", per_class=16)), val_fraction=0.25, seed=0)
-    train = ImageStore(dataset.train, PREP, memory_budget=2**30, workers=1)
-    val = ImageStore(dataset.val, PREP, memory_budget=2**30, workers=1)
+    train = ImageStore.decode(dataset.train, PREP, memory_budget=2**30, workers=1)
+    val = ImageStore.decode(dataset.val, PREP, memory_budget=2**30, workers=1)
     assert len(train) > REPLAN_AT_STEP  # batch size 1: the re-plan happens inside epoch 1
     backbone = create_backbone(TINY_BACKBONE, random_init=True)
     model = ImageClassifier(backbone.model, nn.Linear(backbone.num_features, 3))
@@ -533,9 +533,9 @@ def test_cached_shares_count_the_features_already_stored(tmp_path: Path) -> None
     assert cached_shares(backbone, {32: prep_32}, dataset, dtype=torch.float32, root=root) == {32: (0.0, 0.0)}
     cache = cache_for(backbone_name=backbone.entry.timm_name, module=backbone.model, prep=prep_32,
                       dtype=torch.float32, root=root)
-    half = ImageStore(dataset.train.subset(np.arange(len(dataset.train) // 2)), prep_32, memory_budget=2**30)
+    half = ImageStore.decode(dataset.train.subset(np.arange(len(dataset.train) // 2)), prep_32, memory_budget=2**30)
     cached_features(CountingForward(), half, cache=cache, batch_size=4, desc="f")
-    cached_features(CountingForward(), ImageStore(dataset.val, prep_32, memory_budget=2**30), cache=cache,
+    cached_features(CountingForward(), ImageStore.decode(dataset.val, prep_32, memory_budget=2**30), cache=cache,
                     batch_size=4, desc="f")
     shares = cached_shares(backbone, {32: prep_32, 40: prep_40}, dataset, dtype=torch.float32, root=root)
     assert shares == {32: (0.5, 1.0), 40: (0.0, 0.0)}

@@ -211,7 +211,7 @@ def test_under_a_time_budget_the_seed_epoch_stops_at_the_deadline(tmp_path: Path
     dataset = load_dataset(str(make_image_folder(tmp_path / "data", classes=2, per_class=8, size=32)),
                            val_fraction=0.25, seed=0)
     prep = Preprocessing(image_size=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
-    train, val = (ImageStore(s, prep, memory_budget=2**26, workers=1) for s in (dataset.train, dataset.val))
+    train, val = (ImageStore.decode(s, prep, memory_budget=2**26, workers=1) for s in (dataset.train, dataset.val))
     base = create_conv_base("vgg11", image_size=32, random_init=True)
     model = build_seed_model(base.model, base.num_features, 2)
     cfg = TrainConfig(data="d", out="o", recipe="seed", batch_size=4, time_budget_minutes=1.0)

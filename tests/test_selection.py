@@ -45,8 +45,8 @@ def test_training_network_starts_at_the_probes_logits(tmp_path: Path, runtime: s
     data = make_image_folder(tmp_path / "data", classes=3, per_class=12, size=40)
     dataset = load_dataset(str(data), val_fraction=0.25, seed=0)
     prep = Preprocessing(image_size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
-    train = ImageStore(dataset.train, prep, memory_budget=2**30)
-    val = ImageStore(dataset.val, prep, memory_budget=2**30)
+    train = ImageStore.decode(dataset.train, prep, memory_budget=2**30)
+    val = ImageStore.decode(dataset.val, prep, memory_budget=2**30)
     backbone = create_backbone(TINY_BACKBONE, random_init=True).model
     device = torch.device("cpu")
     forward = FrozenForward(backbone, image_size=32, device=device, precision=precision, runtime=runtime)

@@ -51,7 +51,7 @@ def evaluate(
     """
     model = Model.load(model_dir)
     images, split = load_eval_split(data, model.classes)
-    store = ImageStore(images, model.preprocessing, memory_budget=0, description="decode")
+    store = ImageStore.decode(images, model.preprocessing, memory_budget=0, description="decode")
     tta_metrics = None
     if tta:
         predictions = collect_predictions(model.forward_function(runtime), store, batch_size=batch_size, tta=True,

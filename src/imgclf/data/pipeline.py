@@ -3,6 +3,9 @@
 The CPU is the scarce resource, so no per-image Python work happens inside the training loop:
 every image is decoded and resized once (in threads; Pillow releases the GIL), kept in memory as a
 uint8 tensor when it fits, and augmented a batch at a time with tensor operations.
+
+Everything that reads images takes a `Store` (see its docstring): `ImageStore.decode` builds the one
+that decodes, `store.subset(positions)` and `store.to(device)` are views of it.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -97,15 +101,90 @@ def default_workers(requested: int = 0) -> int:
     return requested if requested > 0 else max(1, os.cpu_count() or 1)
 
 
-class ImageStore:
-    """The uint8 tensors of one ImageSet at the model's input size, decoded once.
+class Store(ABC):
+    """What training, the frozen runtime and evaluation read decoded images from.
 
-    When the decoded images fit in `memory_budget` bytes they are held in RAM; otherwise each batch
-    is decoded when asked for, with the next batch decoding in a background thread. Images that
-    cannot be decoded are dropped up front (in-memory mode) and listed in `failed`.
+    A store holds one ImageSet's images at `prep`'s input size and hands them out as uint8 batches
+    (N x 3 x S x S, channels_last). There are three kinds, and all of them are built from an
+    `ImageStore`, the one that decodes:
+
+    - `ImageStore.decode(images, prep, ...)`: decoded on the host, in memory or streamed from disk;
+    - `store.subset(positions)`: some of a store's images, without decoding them again;
+    - `store.to(device)`: a store whose batches arrive on `device` (a CUDA GPU).
+
+    Attributes every store has:
+        prep: the preprocessing its images were decoded with.
+        images: the ImageSet behind it, position for position (paths, labels, content keys).
+        labels: int64 labels of `images`, on the host.
+        failed: (path, reason) of every image that could not be decoded; streamed stores add to it
+            as they go, and views share their parent's list.
+        in_memory: whether the decoded images are held in memory (else each batch is decoded).
 
     Example:
-        >>> store = ImageStore(images, prep, memory_budget=2**30)  # doctest: +SKIP
+        >>> store = ImageStore.decode(images, prep, memory_budget=2**30)  # doctest: +SKIP
+        >>> for indices, batch in store.subset(np.arange(10)).batches(np.arange(10), 4): ...  # doctest: +SKIP
+    """
+
+    prep: Preprocessing
+    images: ImageSet
+    labels: torch.Tensor
+    failed: list[tuple[str, str]]
+    in_memory: bool
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @abstractmethod
+    def in_memory_tensor(self) -> torch.Tensor | None:
+        """All decoded images as one uint8 N x 3 x S x S tensor (channels_last), or None when they are streamed."""
+
+    @abstractmethod
+    def batch(self, indices: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
+        """(decoded indices, uint8 images in channels_last memory) for `indices`, positions in this store.
+
+        In streaming mode an unreadable image is left out of the batch and added to `failed`.
+        """
+
+    @abstractmethod
+    def batches(self, order: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        """Yield (indices, uint8 batch) over `order`, `batch_size` positions at a time."""
+
+    def subset(self, positions: np.ndarray) -> Store:
+        """The images at `positions` of this store as a store of their own, without decoding them again.
+
+        Example:
+            >>> head = store.subset(np.arange(100))  # doctest: +SKIP
+            >>> len(head)  # doctest: +SKIP
+            100
+        """
+        return SubsetStore(self, positions)
+
+    def to(self, device: torch.device, *, resident: bool = False) -> Store:
+        """This store with its batches on `device`: itself on a CPU, else a `DeviceStore`.
+
+        With `resident`, the decoded images are copied to the device once and batches are indexed
+        there (in-memory stores only); without it each batch is copied when it is read.
+
+        Example:
+            >>> on_gpu = store.to(torch.device("cuda"), resident=True)  # doctest: +SKIP
+            >>> next(on_gpu.batches(np.arange(len(on_gpu)), 64))[1].is_cuda  # doctest: +SKIP
+            True
+        """
+        if device.type != "cuda":
+            return self
+        return DeviceStore(self, device, resident=resident)
+
+
+class ImageStore(Store):
+    """The uint8 tensors of one ImageSet at the model's input size, decoded on the host.
+
+    Build one with `ImageStore.decode`. When the decoded images fit in `memory_budget` bytes they
+    are held in RAM; otherwise each batch is decoded when asked for, with the next batch decoding in
+    a background thread. Images that cannot be decoded are dropped up front (in-memory mode) and
+    listed in `failed`.
+
+    Example:
+        >>> store = ImageStore.decode(images, prep, memory_budget=2**30)  # doctest: +SKIP
         >>> for indices, batch in store.batches(np.arange(len(store)), 64): ...  # doctest: +SKIP
     """
 
@@ -114,57 +193,61 @@ class ImageStore:
         images: ImageSet,
         prep: Preprocessing,
         *,
+        tensor: torch.Tensor | None,
+        workers: int = 0,
+        failed: list[tuple[str, str]] | None = None,
+    ) -> None:
+        """A store over images already decoded into `tensor` (one row per image), or streamed when it is None."""
+        self.images = images
+        self.prep = prep
+        self.workers = default_workers(workers)
+        self.failed = [] if failed is None else failed
+        self.in_memory = tensor is not None
+        self._tensor = tensor
+        self.labels = torch.from_numpy(images.labels)
+
+    @classmethod
+    def decode(
+        cls,
+        images: ImageSet,
+        prep: Preprocessing,
+        *,
         memory_budget: int,
         workers: int = 0,
         description: str = "decode",
-    ) -> None:
-        self.prep = prep
-        self.workers = default_workers(workers)
-        self.failed: list[tuple[str, str]] = []
-        size = prep.image_size
-        needed = len(images) * 3 * size * size
-        self.in_memory = needed <= memory_budget
-        self._tensor: torch.Tensor | None = None
-        if self.in_memory:
-            tensor, rows = channels_last_uint8(len(images), size)
-            ok = np.ones(len(images), dtype=bool)
-            bar = progress(total=len(images), desc=description, unit="img")
-            with ThreadPoolExecutor(self.workers) as pool:
-                decoded = pool.map(lambda j: self._decode_into(images, j, rows[j]), range(len(images)))
-                for i, error in enumerate(decoded):
-                    if error is not None:
-                        ok[i] = False
-                        self.failed.append((images.paths[i], error.reason))
-                    bar.update(1)
-            bar.close()
-            keep = np.flatnonzero(ok)
-            self.images = images.subset(keep) if len(keep) < len(images) else images
-            self._tensor = tensor if len(keep) == len(images) else tensor[torch.from_numpy(keep)]
-        else:
-            self.images = images
-        self.labels = torch.from_numpy(self.images.labels)
+    ) -> ImageStore:
+        """Decode `images` at `prep`'s size now when they fit in `memory_budget` bytes, else stream them.
 
-    def __len__(self) -> int:
-        return len(self.images)
+        Example:
+            >>> store = ImageStore.decode(dataset.train, prep, memory_budget=2**30, workers=4)  # doctest: +SKIP
+            >>> store.in_memory, len(store.failed)  # doctest: +SKIP
+            (True, 0)
+        """
+        workers = default_workers(workers)
+        size = prep.image_size
+        if len(images) * 3 * size * size > memory_budget:
+            return cls(images, prep, tensor=None, workers=workers)
+        tensor, rows = channels_last_uint8(len(images), size)
+        ok = np.ones(len(images), dtype=bool)
+        failed: list[tuple[str, str]] = []
+        bar = progress(total=len(images), desc=description, unit="img")
+        with ThreadPoolExecutor(workers) as pool:
+            decoded = pool.map(lambda j: _decode_into(images, j, rows[j], prep), range(len(images)))
+            for i, error in enumerate(decoded):
+                if error is not None:
+                    ok[i] = False
+                    failed.append((images.paths[i], error.reason))
+                bar.update(1)
+        bar.close()
+        if ok.all():
+            return cls(images, prep, tensor=tensor, workers=workers, failed=failed)
+        keep = np.flatnonzero(ok)
+        return cls(images.subset(keep), prep, tensor=tensor[torch.from_numpy(keep)], workers=workers, failed=failed)
 
     def in_memory_tensor(self) -> torch.Tensor | None:
-        """All decoded images as one uint8 N x 3 x S x S tensor (channels_last), or None when they are streamed."""
         return self._tensor
 
-    def _decode_into(self, images: ImageSet, index: int, row: np.ndarray) -> UnreadableImageError | None:
-        """Decode image `index` into `row` (S x S x 3 uint8); the error instead if it cannot be read."""
-        try:
-            img = images.load(index, draft_size=self.prep.image_size)
-        except UnreadableImageError as exc:
-            return exc
-        np.copyto(row, image_to_array(img, self.prep.image_size, self.prep.interpolation))
-        return None
-
     def batch(self, indices: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
-        """(decoded indices, uint8 images in channels_last memory) for `indices`, positions in this store.
-
-        In streaming mode an unreadable image is left out of the batch and added to `failed`.
-        """
         indices = np.asarray(indices, dtype=np.int64)
         if self._tensor is not None:
             return indices, self._tensor[torch.from_numpy(indices)]
@@ -180,7 +263,7 @@ class ImageStore:
         parts = [part for part in np.array_split(np.arange(len(indices)), self.workers) if len(part)]
 
         def decode(part: np.ndarray) -> list[UnreadableImageError | None]:
-            return [self._decode_into(self.images, int(indices[k]), rows[k]) for k in part]
+            return [_decode_into(self.images, int(indices[k]), rows[k], self.prep) for k in part]
 
         errors = [error for done in pool.map(decode, parts) for error in done]
         ok = np.array([error is None for error in errors], dtype=bool)
@@ -218,6 +301,118 @@ class ImageStore:
             if len(item[0]):
                 yield item
         thread.join()
+
+
+def _decode_into(images: ImageSet, index: int, row: np.ndarray, prep: Preprocessing) -> UnreadableImageError | None:
+    """Decode image `index` into `row` (S x S x 3 uint8); the error instead if it cannot be read."""
+    try:
+        img = images.load(index, draft_size=prep.image_size)
+    except UnreadableImageError as exc:
+        return exc
+    np.copyto(row, image_to_array(img, prep.image_size, prep.interpolation))
+    return None
+
+
+class SubsetStore(Store):
+    """Some images of another store (`store.subset(positions)`): its batches, renumbered, without decoding again.
+
+    Example:
+        >>> head = SubsetStore(store, np.array([0, 5, 9]))  # doctest: +SKIP
+        >>> head.batch(np.array([1]))[0]  # position 1 here is position 5 of `store`  # doctest: +SKIP
+        array([1])
+    """
+
+    def __init__(self, parent: Store, positions: np.ndarray) -> None:
+        """A view of `parent`'s images at `positions` (positions in `parent`)."""
+        self.parent = parent
+        self.positions = np.asarray(positions, dtype=np.int64)
+        self.prep = parent.prep
+        self.failed = parent.failed  # shared: a streamed parent records its failures there
+        self.in_memory = parent.in_memory
+        self.labels = parent.labels[torch.from_numpy(self.positions)]
+        self.images = parent.images.subset(self.positions)  # content keys for the feature cache
+        self._lookup = {int(p): i for i, p in enumerate(self.positions)}
+
+    def in_memory_tensor(self) -> torch.Tensor | None:
+        tensor = self.parent.in_memory_tensor()
+        return None if tensor is None else tensor[torch.from_numpy(self.positions).to(tensor.device)]
+
+    def _renumber(self, item: tuple[np.ndarray, torch.Tensor]) -> tuple[np.ndarray, torch.Tensor]:
+        """A parent's (positions, batch) in this store's positions."""
+        parent_positions, batch = item
+        return np.asarray([self._lookup[int(p)] for p in parent_positions], dtype=np.int64), batch
+
+    def batch(self, indices: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
+        return self._renumber(self.parent.batch(self.positions[np.asarray(indices, dtype=np.int64)]))
+
+    def batches(self, order: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        for item in self.parent.batches(self.positions[np.asarray(order, dtype=np.int64)], batch_size):
+            yield self._renumber(item)
+
+
+def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a host batch to `device`: pinned and asynchronous on CUDA, unchanged on a CPU.
+
+    The pinned buffer may be dropped at once: PyTorch's pinned-memory allocator keeps it until the
+    copy that reads it has finished.
+
+    Example:
+        >>> batch = torch.zeros(2, 3, 4, 4, dtype=torch.uint8)
+        >>> to_device(batch, torch.device("cpu")) is batch
+        True
+    """
+    if device.type != "cuda":
+        return batch
+    if batch.device.type == "cuda":
+        return batch
+    return batch.pin_memory().to(device, non_blocking=True)
+
+
+class DeviceStore(Store):
+    """A store whose batches arrive on `device` (`store.to(device)`); labels stay on the host.
+
+    `resident`: the parent's decoded images are copied to `device` once and every batch is indexed
+    there, with no host work per step (in-memory parents only). Otherwise each batch is gathered on
+    the host, pinned and copied asynchronously as uint8 (a quarter of the bytes of float input).
+    How training chooses between them: `imgclf.training.gpu.place_store`.
+
+    Example:
+        >>> train = DeviceStore(store, torch.device("cuda"), resident=True)  # doctest: +SKIP
+        >>> indices, batch = next(train.batches(np.arange(len(train)), 256))  # batch.is_cuda  # doctest: +SKIP
+    """
+
+    def __init__(self, parent: Store, device: torch.device, *, resident: bool) -> None:
+        """`parent`'s images with batches on `device`; `resident` copies them there now."""
+        self.parent = parent
+        self.device = device
+        self.resident = resident
+        self.prep = parent.prep
+        self.failed = parent.failed
+        self.in_memory = parent.in_memory
+        self.labels = parent.labels
+        self.images = parent.images
+        host = parent.in_memory_tensor()
+        if resident and host is None:
+            raise ValueError("a resident DeviceStore needs an in-memory parent store")
+        self._on_device = host.to(device) if resident and host is not None else None
+
+    def in_memory_tensor(self) -> torch.Tensor | None:
+        return self._on_device
+
+    def batch(self, indices: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
+        indices = np.asarray(indices, dtype=np.int64)
+        if self._on_device is not None:
+            return indices, self._on_device[torch.from_numpy(indices).to(self.device)]
+        kept, batch = self.parent.batch(indices)
+        return kept, to_device(batch, self.device)
+
+    def batches(self, order: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        if self._on_device is not None:
+            for start in range(0, len(order), batch_size):
+                yield self.batch(order[start : start + batch_size])
+            return
+        for indices, batch in self.parent.batches(order, batch_size):
+            yield indices, to_device(batch, self.device)
 
 
 # --------------------------------------------------------------------------------------------

@@ -346,7 +346,7 @@ def sample_decoder(images: ImageSet, prep_at: Callable[[int], Preprocessing], *,
             return 0, 0.0
         picks = np.linspace(0, len(images) - 1, n).astype(np.int64)
         start = clock()
-        ImageStore(images.subset(picks), prep_at(size), memory_budget=2**40, workers=workers,
+        ImageStore.decode(images.subset(picks), prep_at(size), memory_budget=2**40, workers=workers,
                    description="measure decode")
         return n, clock() - start
 

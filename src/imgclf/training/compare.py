@@ -101,8 +101,8 @@ def compare_backbones(
         outputs = []
         run_seconds, run_images = 0.0, 0
         for split, images in (("train", dataset.train), ("val", dataset.val)):
-            store = ImageStore(images, prep, memory_budget=0 if len(images) > 2000 else memory_budget(memory_fraction),
-                               description=f"decode {split}")
+            budget = 0 if len(images) > 2000 else memory_budget(memory_fraction)
+            store = ImageStore.decode(images, prep, memory_budget=budget, description=f"decode {split}")
             calls, pass_start = forward.calls, time.perf_counter()
             outputs.append(cached_features(forward, store, cache=cache, batch_size=batch_size,
                                            desc=f"{name} {split}"))

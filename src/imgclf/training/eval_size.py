@@ -78,7 +78,7 @@ def choose_eval_size(
                 break
         started = clock()
         candidate = dataclasses.replace(prep, image_size=size)
-        store = ImageStore(images, candidate, memory_budget=memory_budget, workers=workers,
+        store = ImageStore.decode(images, candidate, memory_budget=memory_budget, workers=workers,
                            description=f"decode val {size}px")
         try:
             _, accuracy, _, _ = evaluate_store(model, store, batch_size=batch_size, device=device, precision=precision,

@@ -38,7 +38,7 @@ from torch import nn
 
 from imgclf import distributed
 from imgclf.data.dataset import Dataset, ImageSet
-from imgclf.data.pipeline import ImageStore, Preprocessing, default_workers
+from imgclf.data.pipeline import Preprocessing, Store, default_workers
 from imgclf.files import DIGEST_BYTES, atomic_write, cache_dir, file_sha256, hash_tensor, weights_digest
 from imgclf.models.backbones import Backbone
 from imgclf.progress import log, progress
@@ -210,17 +210,9 @@ class LazyForward:
             yield item
 
 
-def store_images(store: ImageStore) -> ImageSet:
-    """The ImageSet behind a store (or behind a view of one)."""
-    images = getattr(store, "images", None)
-    if images is None:
-        raise TypeError(f"{type(store).__name__} exposes no images")
-    return images
-
-
 def cached_features(
     forward: Callable[[torch.Tensor], torch.Tensor],
-    store: ImageStore,
+    store: Store,
     *,
     cache: FeatureCache | None,
     batch_size: int,
@@ -243,7 +235,7 @@ def cached_features(
     if cache is None:
         return run_frozen(forward, store, batch_size=batch_size, desc=desc, shard=shard)  # type: ignore[arg-type]
     block = distributed.shard_range(len(store)) if shard else np.arange(len(store))
-    images = store_images(store)
+    images = store.images
     keys = content_keys(images if len(block) == len(store) else images.subset(block), workers=workers)
     found, cached = cache.lookup(keys)
     missing = np.flatnonzero(~found)

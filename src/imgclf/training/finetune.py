@@ -27,7 +27,7 @@ from torch import nn
 
 from imgclf import distributed
 from imgclf.config import TrainConfig
-from imgclf.data.pipeline import Augmentation, ImageStore, normalize
+from imgclf.data.pipeline import Augmentation, Store, normalize
 from imgclf.errors import ImgclfError
 from imgclf.models.classifier import ImageClassifier
 from imgclf.progress import log, progress
@@ -189,7 +189,7 @@ def replanned_epochs(
 
 
 def evaluate_store(
-    model: ImageClassifier, store: ImageStore, *, batch_size: int, device: torch.device, precision: str,
+    model: ImageClassifier, store: Store, *, batch_size: int, device: torch.device, precision: str,
     shard: bool = False,
 ) -> tuple[float, float, np.ndarray, np.ndarray]:
     """(mean cross-entropy, accuracy, probabilities, labels) of `model` on the images of `store`.
@@ -212,7 +212,7 @@ def global_normaliser(criterion: nn.Module, labels: torch.Tensor) -> torch.Tenso
 
 def train_one_epoch(
     model: ImageClassifier,
-    store: ImageStore,
+    store: Store,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     criterion: nn.Module,
@@ -270,7 +270,7 @@ def train_one_epoch(
             loss_value, correct = loss.item(), int((logits.argmax(1) == y).sum())
         if not math.isfinite(loss_value):
             bar.close()
-            paths = [store.images.paths[int(i)] for i in indices[:4]] if hasattr(store, "images") else []
+            paths = [store.images.paths[int(i)] for i in indices[:4]]
             raise NonFiniteLossError(
                 f"the loss became {loss_value} at epoch {epoch}, step {step} (batch of {len(indices)} images: "
                 f"positions {indices[:8].tolist()}{', e.g. ' + ', '.join(paths) if paths else ''}); "
@@ -307,8 +307,8 @@ def train_one_epoch(
 
 def fit(
     model: ImageClassifier,
-    train_store: ImageStore,
-    val_store: ImageStore,
+    train_store: Store,
+    val_store: Store,
     cfg: TrainConfig,
     *,
     epochs: int,

@@ -11,6 +11,9 @@ Where each split's decoded uint8 images live while fine-tuning (`choose_placemen
   augmented and normalised on the GPU.
 - `"host"`: the device is the CPU; batches are used as the store gives them.
 
+The first two are `store.to(device, resident=...)` (a `DeviceStore`, in `imgclf.data.pipeline`):
+this module decides, the store moves the bytes.
+
 When a training step runs out of GPU memory, `run_with_batch_fallback` halves the batch size and
 starts the epoch again, down to `MIN_BATCH_SIZE`. The learning rate is *not* rescaled with the batch:
 AdamW normalises each parameter's update by its own gradient scale, so its step size depends only
@@ -21,14 +24,13 @@ unscaled lr keeps a retried run identical in its settings to a fresh run started
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Literal, TypeVar
 
-import numpy as np
 import torch
 from torch import nn
 
-from imgclf.data.pipeline import ImageStore
+from imgclf.data.pipeline import Store
 from imgclf.errors import ImgclfError
 from imgclf.progress import log
 
@@ -79,68 +81,15 @@ def choose_placement(
     return "pinned"
 
 
-def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Copy a host batch to `device`: pinned and asynchronous on CUDA, unchanged on a CPU.
+def place_store(store: Store, device: torch.device, *, name: str, free_bytes: int | None = None) -> Store:
+    """`store` as fine-tuning should read it on `device`: the same store on a CPU, else `store.to(device)`.
 
-    The pinned buffer may be dropped at once: PyTorch's pinned-memory allocator keeps it until the
-    copy that reads it has finished.
-    """
-    if device.type != "cuda":
-        return batch
-    if batch.device.type == "cuda":
-        return batch
-    return batch.pin_memory().to(device, non_blocking=True)
+    `free_bytes` (default: asked of the driver) is the free GPU memory the decision is based on;
+    the chosen mode is logged.
 
-
-class DeviceStore(ImageStore):
-    """An `ImageStore` whose batches arrive on `device` (see the module docstring for the modes).
-
-    Labels stay on the host, as in `ImageStore`. Example:
+    Example:
         >>> train = place_store(store, torch.device("cuda"), name="train")  # doctest: +SKIP
         >>> indices, batch = next(train.batches(np.arange(len(train)), 256))  # batch.is_cuda  # doctest: +SKIP
-    """
-
-    def __init__(self, parent: ImageStore, device: torch.device, placement: Placement) -> None:  # noqa: D107
-        self.parent = parent
-        self.device = device
-        self.placement = placement
-        self.prep = parent.prep
-        self.failed = parent.failed
-        self.in_memory = parent.in_memory
-        self.labels = parent.labels
-        self.images = parent.images
-        self._tensor = None
-        host = parent.in_memory_tensor()
-        if placement == "device" and host is None:
-            raise ValueError("placement 'device' needs an in-memory store")
-        self._on_device = host.to(device) if placement == "device" and host is not None else None
-
-    def __len__(self) -> int:
-        return len(self.parent)
-
-    def in_memory_tensor(self) -> torch.Tensor | None:
-        return self._on_device
-
-    def batch(self, indices: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
-        indices = np.asarray(indices, dtype=np.int64)
-        if self._on_device is not None:
-            return indices, self._on_device[torch.from_numpy(indices).to(self.device)]
-        kept, batch = self.parent.batch(indices)
-        return kept, to_device(batch, self.device)
-
-    def batches(self, order: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
-        if self._on_device is not None:
-            for start in range(0, len(order), batch_size):
-                yield self.batch(order[start : start + batch_size])
-            return
-        for indices, batch in self.parent.batches(order, batch_size):
-            yield indices, to_device(batch, self.device)
-
-
-def place_store(store: ImageStore, device: torch.device, *, name: str, free_bytes: int | None = None) -> ImageStore:
-    """`store` as fine-tuning should read it on `device`: the same store on a CPU, else a `DeviceStore`.
-
-    `free_bytes` (default: asked of the driver) is the free GPU memory the decision is based on.
     """
     if device.type != "cuda":
         return store
@@ -158,7 +107,7 @@ def place_store(store: ImageStore, device: torch.device, *, name: str, free_byte
         reason = "streamed from disk" if not store.in_memory else (
             f"{nbytes / gib:.1f} GiB > {GPU_DATA_SHARE:.0%} of {free_bytes / gib:.1f} GiB free on {device}")
         log(f"{name}: batches gathered on the host, pinned and copied as uint8 ({reason}); augmented on {device}")
-    return DeviceStore(store, device, placement)
+    return store.to(device, resident=placement == "device")
 
 
 def smaller_batch_size(batch_size: int, *, floor: int = MIN_BATCH_SIZE) -> int:
