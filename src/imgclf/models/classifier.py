@@ -24,6 +24,29 @@ def non_finite_tensors(tensors: Mapping[str, torch.Tensor]) -> list[str]:
     return [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
 
 
+def state_dict_mismatch(module: nn.Module, state: Mapping[str, torch.Tensor]) -> str | None:
+    """Why `state` would not load strictly into `module`, or None when it would.
+
+    Lists up to 8 missing, unexpected and reshaped keys each (a reshaped key with its shape in
+    `state`, then the one `module` expects), for an error message that names the mismatch.
+
+    Example:
+        >>> state_dict_mismatch(nn.Linear(2, 3), {"weight": torch.zeros(3, 2), "bias": torch.zeros(3)}) is None
+        True
+        >>> state_dict_mismatch(nn.Linear(2, 3), {"weight": torch.zeros(4, 2)})
+        'missing: bias; shape differs: weight (4, 2) vs (3, 2)'
+    """
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    reshaped = [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
+                for k in sorted(set(expected) & set(state)) if expected[k].shape != state[k].shape]
+    parts = [f"{name}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
+             for name, keys in (("missing", missing), ("unexpected", unexpected), ("shape differs", reshaped))
+             if keys]
+    return "; ".join(parts) or None
+
+
 def build_head(spec: dict[str, Any]) -> nn.Module:
     """Build a head from its JSON description (stored in the bundle).
 
