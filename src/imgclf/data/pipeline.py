@@ -14,9 +14,10 @@ import os
 import queue
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,6 +48,25 @@ class Preprocessing:
         values["resize"] = "shorter side to image_size, then centre crop to a square"
         values["layout"] = "NCHW float32 RGB, (x / 255 - mean) / std"
         return values
+
+    @classmethod
+    def from_data_config(cls, config: Mapping[str, Any], image_size: int) -> Preprocessing:
+        """The preprocessing a timm data config asks for (`Backbone.data_config`), at `image_size` px.
+
+        The mean, std and interpolation travel with the pretrained weights; the size is ours to choose.
+
+        Example:
+            >>> config = {"mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25), "interpolation": "bilinear"}
+            >>> Preprocessing.from_data_config(config, 96)
+            Preprocessing(image_size=96, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), interpolation='bilinear')
+        """
+        mean, std = config["mean"], config["std"]
+        return cls(
+            image_size=image_size,
+            mean=(float(mean[0]), float(mean[1]), float(mean[2])),
+            std=(float(std[0]), float(std[1]), float(std[2])),
+            interpolation=str(config.get("interpolation", "bicubic")),
+        )
 
     @classmethod
     def from_dict(cls, values: dict[str, object]) -> Preprocessing:

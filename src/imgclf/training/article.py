@@ -190,14 +190,7 @@ def seed_setup(cfg: TrainConfig, median_side: int | None) -> tuple[Preprocessing
     backbone = create_conv_base(cfg.backbone, image_size=size, weights=cfg.weights, random_init=cfg.random_init)
     if cfg.random_init:
         log("warning: random init (--random-init); the article starts from ImageNet weights")
-    config = backbone.data_config
-    prep = Preprocessing(
-        image_size=size,
-        mean=tuple(float(v) for v in config["mean"]),  # type: ignore[arg-type]
-        std=tuple(float(v) for v in config["std"]),  # type: ignore[arg-type]
-        interpolation=str(config.get("interpolation", "bilinear")),
-    )
-    return prep, backbone
+    return Preprocessing.from_data_config(backbone.data_config, size), backbone
 
 
 def seed_meta(backbone: Backbone, num_classes: int) -> dict[str, Any]:

@@ -381,14 +381,9 @@ def plan_run(
 
     budget_s = 60.0 * (cfg.time_budget_minutes or 0.0)
     sizes = [cfg.image_size] if cfg.image_size else candidate_sizes(upper_size)
-    data_config = backbone.data_config
 
     def prep_at(size: int) -> Preprocessing:
-        return Preprocessing(
-            image_size=size, mean=tuple(float(v) for v in data_config["mean"]),  # type: ignore[arg-type]
-            std=tuple(float(v) for v in data_config["std"]),  # type: ignore[arg-type]
-            interpolation=str(data_config.get("interpolation", "bicubic")),
-        )
+        return Preprocessing.from_data_config(backbone.data_config, size)
 
     rates = measure_rates(
         backbone.model, backbone.num_features, sizes=sizes, batch_size=cfg.batch_size, device=device, dtype=dtype,

@@ -91,9 +91,7 @@ def compare_backbones(
         backbone = create_backbone(name)
         config = backbone.data_config
         size = image_size or choose_image_size(int(config["input_size"][-1]), side, "probe", device)
-        prep = Preprocessing(image_size=size, mean=tuple(float(v) for v in config["mean"]),  # type: ignore[arg-type]
-                             std=tuple(float(v) for v in config["std"]),  # type: ignore[arg-type]
-                             interpolation=str(config.get("interpolation", "bicubic")))
+        prep = Preprocessing.from_data_config(config, size)
         dtype = compute_dtype(device, precision)
         cache = cache_for(backbone_name=backbone.entry.timm_name, module=backbone.model, prep=prep, dtype=dtype)
         forward = LazyForward(functools.partial(FrozenForward, backbone.model, image_size=size, device=device,
