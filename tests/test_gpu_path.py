@@ -18,17 +18,11 @@ from PIL import Image
 from torch import nn
 
 from imgclf.config import TrainConfig
-from imgclf.data.pipeline import ImageStore, Preprocessing
+from imgclf.data.pipeline import DeviceStore, ImageStore, Preprocessing, to_device
 from imgclf.data.sources import load_dataset
 from imgclf.errors import ImgclfError
 from imgclf.training import gpu
-from imgclf.training.gpu import (
-    DeviceStore,
-    choose_placement,
-    place_store,
-    run_with_batch_fallback,
-    to_device,
-)
+from imgclf.training.gpu import choose_placement, place_store, run_with_batch_fallback
 
 PREP = Preprocessing(image_size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 CUDA = torch.device("cuda")
@@ -86,8 +80,8 @@ def _tiny_fit(tmp_path: Path, cfg: TrainConfig):  # noqa: ANN202
     torch.manual_seed(0)
     root = make_image_folder(tmp_path / "data", per_class=8)
     dataset = load_dataset(str(root), val_fraction=0.25, seed=0)
-    train = ImageStore(dataset.train, PREP, memory_budget=GIB, workers=1)
-    val = ImageStore(dataset.val, PREP, memory_budget=GIB, workers=1)
+    train = ImageStore.decode(dataset.train, PREP, memory_budget=GIB, workers=1)
+    val = ImageStore.decode(dataset.val, PREP, memory_budget=GIB, workers=1)
     backbone = create_backbone(TINY_BACKBONE, random_init=True)
     model = ImageClassifier(backbone.model, nn.Linear(backbone.num_features, 3))
     return fit(model, train, val, cfg, epochs=2, device=torch.device("cpu"), dtype=torch.float32), len(train)
@@ -136,7 +130,8 @@ def test_placement_uses_the_gpu_only_when_the_images_fit_the_share() -> None:
 
 def test_on_a_cpu_stores_and_batches_are_left_as_they_are(tmp_path: Path) -> None:
     root = make_image_folder(tmp_path / "data", per_class=3)
-    store = ImageStore(load_dataset(str(root), val_fraction=0.25, seed=0).train, PREP, memory_budget=GIB, workers=1)
+    train = load_dataset(str(root), val_fraction=0.25, seed=0).train
+    store = ImageStore.decode(train, PREP, memory_budget=GIB, workers=1)
     assert place_store(store, torch.device("cpu"), name="train") is store
     batch = torch.zeros(2, 3, 4, 4, dtype=torch.uint8)
     assert to_device(batch, torch.device("cpu")) is batch  # no pinning, no copy
@@ -145,8 +140,9 @@ def test_on_a_cpu_stores_and_batches_are_left_as_they_are(tmp_path: Path) -> Non
 @pytest.mark.parametrize("placement", ["device", "pinned"])
 def test_a_device_store_yields_the_same_batches_as_its_parent(tmp_path: Path, placement: str) -> None:
     root = make_image_folder(tmp_path / "data", per_class=4)
-    store = ImageStore(load_dataset(str(root), val_fraction=0.25, seed=0).train, PREP, memory_budget=GIB, workers=1)
-    placed = DeviceStore(store, torch.device("cpu"), placement)  # type: ignore[arg-type]
+    train = load_dataset(str(root), val_fraction=0.25, seed=0).train
+    store = ImageStore.decode(train, PREP, memory_budget=GIB, workers=1)
+    placed = DeviceStore(store, torch.device("cpu"), resident=placement == "device")
     order = np.random.default_rng(0).permutation(len(store))
     expected = list(store.batches(order, 3))
     got = list(placed.batches(order, 3))
@@ -159,11 +155,12 @@ def test_a_device_store_yields_the_same_batches_as_its_parent(tmp_path: Path, pl
 def test_place_store_logs_the_chosen_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     root = make_image_folder(tmp_path / "data", per_class=3)
-    store = ImageStore(load_dataset(str(root), val_fraction=0.25, seed=0).train, PREP, memory_budget=GIB, workers=1)
+    train = load_dataset(str(root), val_fraction=0.25, seed=0).train
+    store = ImageStore.decode(train, PREP, memory_budget=GIB, workers=1)
     # Pretend to be on CUDA; the "device" copy itself stays on the CPU.
-    monkeypatch.setattr(gpu, "DeviceStore", lambda parent, device, placement: SimpleNamespace(placement=placement))
-    assert place_store(store, CUDA, name="train", free_bytes=78 * GIB).placement == "device"  # type: ignore[attr-defined]
-    assert place_store(store, CUDA, name="train", free_bytes=1000).placement == "pinned"  # type: ignore[attr-defined]
+    monkeypatch.setattr(ImageStore, "to", lambda self, device, *, resident: SimpleNamespace(resident=resident))
+    assert place_store(store, CUDA, name="train", free_bytes=78 * GIB).resident is True  # type: ignore[attr-defined]
+    assert place_store(store, CUDA, name="train", free_bytes=1000).resident is False  # type: ignore[attr-defined]
     err = capsys.readouterr().err
     assert "copied to cuda once" in err and "pinned and copied as uint8" in err
 
@@ -182,7 +179,7 @@ def test_compile_flag_reaches_torch_compile(tmp_path: Path, monkeypatch: pytest.
         captured["cfg"] = cfg
         return SimpleNamespace(meta={"metrics": {}})
 
-    monkeypatch.setattr("imgclf.training.run.train", fake_train)
+    monkeypatch.setattr("imgclf.workflow.train", fake_train)
     assert main(["train", "data", "--out", str(tmp_path / "o"), "--compile"]) == 0
     assert captured["cfg"].compile is True  # type: ignore[attr-defined]
     assert TrainConfig().compile is False

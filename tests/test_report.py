@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from conftest import CLASS_COLOURS, TINY_BACKBONE, make_image
 
-from imgclf.bundle import write_temperature
 from imgclf.cli import main
 from imgclf.evaluation.calibration import (
     expected_calibration_error,
@@ -248,20 +247,6 @@ def test_a_failing_report_does_not_lose_the_bundle(
     assert report_after_training(model, None, tiny_bundle, stores={}, batch_size=8, device="cpu") is None  # type: ignore[arg-type]
     assert "report failed (RuntimeError: disk full)" in capsys.readouterr().err
     assert imgclf.load(tiny_bundle).classes == model.classes
-
-
-def test_write_temperature_keeps_the_rest(tiny_bundle: Path, tmp_path: Path) -> None:
-    bundle = shutil.copytree(tiny_bundle, tmp_path / "model")
-    before = json.loads((bundle / "imgclf.json").read_text(encoding="utf-8"))
-    write_temperature(bundle, 1.7)
-    after = json.loads((bundle / "imgclf.json").read_text(encoding="utf-8"))
-    assert after.pop("temperature") == 1.7
-    before.pop("temperature", None)
-    assert after == before
-
-
-# --------------------------------------------------------------------------------------------
-# The page in real headless Chromium
 
 
 def _browser():  # type: ignore[no-untyped-def]

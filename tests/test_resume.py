@@ -271,7 +271,7 @@ def test_resume_refuses_different_options(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="lr: 0.001 then, 0.01 now"):
         ckpt.Checkpointer.open(TrainConfig(data="d", out=str(tmp_path), lr=1e-2, resume=True))
     # Where and how fast it runs may change.
-    assert ckpt.Checkpointer.open(TrainConfig(data="d", out=str(tmp_path), workers=1, resume=True)).resume_from
+    assert ckpt.Checkpointer.open(TrainConfig(data="d", out=str(tmp_path), lr=1e-3, workers=1, resume=True)).resume_from
 
 
 def test_stale_temp_folders_are_removed_and_old_checkpoints_pruned(tmp_path: Path) -> None:

@@ -123,6 +123,7 @@ def test_compare_ranks_backbones_by_probe_accuracy(
         return backbones.create_backbone(name, random_init=True)
 
     monkeypatch.setattr("imgclf.training.compare.create_backbone", create)
+    monkeypatch.setenv("IMGCLF_CACHE", str(tmp_path / "cache"))  # no features from other tests
     data = make_image_folder(tmp_path / "data", classes=3, per_class=12, size=32)
     args = ["compare", str(data), "--backbones", f"{TINY_BACKBONE},test_resnet", "--image-size", "32", "--json"]
     assert main(args) == 0

@@ -14,8 +14,8 @@ from imgclf.bundle import Model, Prediction
 from imgclf.config import TrainConfig
 from imgclf.errors import ImgclfError
 from imgclf.models.backbones import list_backbones
-from imgclf.training.run import train
 from imgclf.version import __version__
+from imgclf.workflow import train
 
 __all__ = [
     "ImgclfError",

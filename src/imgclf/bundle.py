@@ -8,7 +8,6 @@ JSON and safetensors only, so it never unpickles anything.
 from __future__ import annotations
 
 import json
-import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,28 +20,14 @@ from PIL import Image
 from imgclf.data.dataset import ImageSet
 from imgclf.data.pipeline import ImageStore, Preprocessing, image_to_tensor, normalize
 from imgclf.errors import BundleError, check_format
-from imgclf.models.classifier import ImageClassifier, build_head, non_finite_tensors
+from imgclf.models.classifier import ImageClassifier, build_head, non_finite_tensors, state_dict_mismatch
 from imgclf.runtime import FrozenForward, run_frozen
-from imgclf.version import __version__
+from imgclf.version import library_versions
 
 BUNDLE_JSON = "imgclf.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT = "imgclf-bundle"
 FORMAT_VERSION = 1
-
-
-def library_versions() -> dict[str, str]:
-    import PIL
-    import timm
-
-    return {
-        "imgclf": __version__,
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "numpy": np.__version__,
-        "pillow": PIL.__version__,
-        "python": platform.python_version(),
-    }
 
 
 @dataclass
@@ -131,7 +116,7 @@ class Model:
         if not weights.is_file():
             raise BundleError(f"{str(folder)!r} has no {WEIGHTS_FILE}", fix="re-run imgclf train --out")
         try:
-            if meta["backbone"].get("kind") == "conv_base":  # the seed recipe's flattened VGG conv layers
+            if meta["backbone"].get("kind") == "conv_base":  # the article recipe's flattened VGG conv layers
                 from imgclf.models.article import create_conv_base
 
                 backbone = create_conv_base(
@@ -198,11 +183,11 @@ class Model:
             # Labels carry each file's position, so results map back even when files are skipped.
             positions = np.arange(len(files), dtype=np.int64)
             image_set = ImageSet(paths=[f for _, f in files], labels=positions)
-            store = ImageStore(image_set, self.preprocessing, memory_budget=2**30, description="decode")
+            store = ImageStore.decode(image_set, self.preprocessing, memory_budget=2**30, description="decode")
             probs, kept = self.predict_store(store, batch_size=batch_size, runtime=runtime)
             for row, position in zip(probs, kept, strict=False):
                 i, path = files[int(position)]
-                results[i] = Prediction(path, self._top(row, top_k))
+                results[i] = Prediction(path, self.top_classes(row, top_k))
             failed = dict(store.failed)
             for i, path in files:
                 if results[i] is None:
@@ -216,7 +201,7 @@ class Model:
             chunks = [batch[j : j + batch_size] for j in range(0, len(batch), batch_size)]
             probs_t = torch.cat([self.probabilities(chunk, runtime=runtime) for chunk in chunks]).numpy()
             for (i, _), row in zip(pil, probs_t, strict=False):
-                results[i] = Prediction(f"<image {i}>", self._top(row, top_k))
+                results[i] = Prediction(f"<image {i}>", self.top_classes(row, top_k))
         missing = [i for i, r in enumerate(results) if r is None]
         if missing:
             raise BundleError(
@@ -225,20 +210,15 @@ class Model:
             )
         return [r for r in results if r is not None]
 
-    def _top(self, row: np.ndarray, k: int) -> list[tuple[str, float]]:
-        order = np.argsort(-row)[:k]
-        return [(self.classes[j], float(row[j])) for j in order]
+    def top_classes(self, probabilities: np.ndarray, k: int) -> list[tuple[str, float]]:
+        """The `k` most probable classes (at least one, at most all) of one image, best first.
 
-
-def write_temperature(bundle_dir: str | Path, temperature: float) -> None:
-    """Store `temperature` as the top-level "temperature" of the bundle's imgclf.json.
-
-    `Model.predict` divides the logits by it, so predicted probabilities become calibrated.
-    """
-    folder = Path(bundle_dir)
-    meta = read_bundle_json(folder)
-    meta["temperature"] = float(temperature)
-    (folder / BUNDLE_JSON).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        Example:
+            >>> model.top_classes(np.array([0.1, 0.7, 0.2]), 2)  # doctest: +SKIP
+            [('dog', 0.7), ('fish', 0.2)]
+        """
+        order = np.argsort(-probabilities)[: max(1, min(k, len(self.classes)))]
+        return [(self.classes[j], float(probabilities[j])) for j in order]
 
 
 def read_bundle_json(folder: Path) -> dict[str, Any]:
@@ -271,23 +251,10 @@ def load_weights(module: torch.nn.Module, path: Path) -> None:
             f"{str(path)!r} is not a readable safetensors file: {exc}",
             fix="re-export or re-train the model; the file is corrupt or truncated",
         ) from None
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    reshaped = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
-    if missing or unexpected or reshaped:
-        parts = []
-        if missing:
-            parts.append(f"missing: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
-        if unexpected:
-            parts.append(f"unexpected: {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
-        if reshaped:
-            parts.append(
-                "shape differs: "
-                + ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}" for k in reshaped[:8])
-            )
+    mismatch = state_dict_mismatch(module, state)
+    if mismatch:
         raise BundleError(
-            f"the weights in {str(path)!r} do not match the architecture in {BUNDLE_JSON}: " + "; ".join(parts),
+            f"the weights in {str(path)!r} do not match the architecture in {BUNDLE_JSON}: {mismatch}",
             fix="the bundle was edited or mixed with another; re-train it",
         )
     bad = non_finite_tensors(state)

@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from imgclf.cli_ship import add_export, add_serve
+from imgclf.config import RECIPE_ALIASES, RECIPES
 from imgclf.errors import ImgclfError
 
 EXIT_USAGE = 2
+RECIPE_CHOICES = RECIPES  # shown in --help; the old names in RECIPE_ALIASES are accepted too
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -28,8 +30,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--out", help="bundle folder to write")
     p.add_argument("--config", help="YAML file of options; flags override it")
     p.add_argument("--backbone", help="timm model name (default tf_efficientnet_lite0)")
-    p.add_argument("--recipe", choices=["probe", "finetune", "seed"],
-                   help="probe: frozen backbone; finetune (default); seed: the article's VGG19 system")
+    p.add_argument("--recipe", choices=[*RECIPE_CHOICES, *RECIPE_ALIASES], metavar="{" + ",".join(RECIPE_CHOICES) + "}",
+                   help="probe: frozen backbone; finetune (default); article: the article's VGG19 system "
+                   "(formerly 'seed', still accepted)")
     p.add_argument("--epochs", type=int, help="fine-tuning epochs after the head fit (default 5)")
     p.add_argument("--image-size", type=int, help="input side in px (default: from the backbone and data)")
     p.add_argument("--batch-size", type=int)
@@ -73,7 +76,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 def cmd_train(args: argparse.Namespace) -> int:
     from imgclf.config import load_yaml, resolve_config
     from imgclf.distributed import is_main
-    from imgclf.training.run import train
+    from imgclf.workflow import train
 
     file_values = load_yaml(args.config) if args.config else {}
     flags = {
@@ -323,10 +326,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 def _add_summary(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("summary", help="Keras-style table of a model's layers and parameter counts")
     p.add_argument("model", metavar="DIR", nargs="?", help="a bundle; or describe a recipe's model with the flags")
-    p.add_argument("--recipe", choices=["probe", "finetune", "seed"], default="finetune")
-    p.add_argument("--backbone", help="default: the recipe's (vgg19 for seed, else tf_efficientnet_lite0)")
+    p.add_argument("--recipe", choices=[*RECIPE_CHOICES, *RECIPE_ALIASES], metavar="{" + ",".join(RECIPE_CHOICES) + "}",
+                   default="finetune")
+    p.add_argument("--backbone", help="default: the recipe's (vgg19 for article, else tf_efficientnet_lite0)")
     p.add_argument("--num-classes", type=int, help="number of classes (needed without DIR)")
-    p.add_argument("--image-size", type=int, help="input side in px (default: 32 for seed, else the backbone's)")
+    p.add_argument("--image-size", type=int, help="input side in px (default: 32 for article, else the backbone's)")
     p.add_argument("--expand", action="store_true", help="one row per backbone layer")
     p.set_defaults(handler=cmd_summary)
 
@@ -339,7 +343,8 @@ def cmd_summary(args: argparse.Namespace) -> int:
     elif args.num_classes is None:
         raise ImgclfError(
             "summary needs a bundle folder or --num-classes",
-            fix="imgclf summary DIR, or imgclf summary --recipe seed --backbone vgg19 --num-classes 10 --image-size 32",
+            fix="imgclf summary DIR, or imgclf summary --recipe article --backbone vgg19 --num-classes 10 "
+            "--image-size 32",
         )
     else:
         summary = summarize_recipe(args.recipe, backbone=args.backbone, num_classes=args.num_classes,

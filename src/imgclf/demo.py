@@ -37,7 +37,7 @@ def write_digits(folder: Path, *, test_fraction: float = 0.2, seed: int = 0) -> 
 def run_demo(out: str | Path = "imgclf-demo", *, recipe: str = "finetune", epochs: int = 2) -> dict[str, Any]:
     """Write the digits, train, evaluate on the held-out images and predict a few of them."""
     from imgclf.api import collect_images, evaluate
-    from imgclf.training.run import train
+    from imgclf.workflow import train
 
     started = time.perf_counter()
     out = Path(out)

@@ -6,8 +6,8 @@ probability) and the |accuracy - confidence| of every bin is averaged, weighted 
 images. Temperature scaling (Guo et al., 2017) divides the logits by one number T fitted on the
 validation split; it changes the confidences but never the predicted class.
 
-Part of the evaluation layer (`imgclf.evaluation`): pure functions of logits and labels. Storing
-the fitted temperature in a bundle is the bundle's business (`bundle.write_temperature`).
+Part of the evaluation layer (`imgclf.evaluation`): pure functions of logits and labels. The bundle's
+temperature is fitted here (`calibrate`) by `workflow.train`, before the bundle is saved.
 """
 
 from __future__ import annotations
@@ -125,3 +125,20 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
             b = low + ratio * (high - low)
             fb = loss(b)
     return float(math.exp((low + high) / 2))
+
+
+def calibrate(logits: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """The temperature a bundle stores, fitted on validation (`fit_temperature`), and how it was found.
+
+    Returns `{"temperature", "fitted_temperature", "usable", "images"}`. When the fit stops at a bound
+    of the search, the NLL was still falling (validation nearly separable) and T is not identifiable:
+    storing T = 0.05 would make every later prediction near-certain, so the bundle keeps T = 1.
+
+    Example:
+        >>> calibrate(np.array([[10.0, 0.0], [0.0, 10.0]]), np.array([0, 1]))["temperature"]
+        1.0
+    """
+    fitted = fit_temperature(logits, labels)
+    usable = MIN_TEMPERATURE * 1.01 < fitted < MAX_TEMPERATURE / 1.01 and len(labels) > 0
+    return {"temperature": fitted if usable else 1.0, "fitted_temperature": fitted, "usable": bool(usable),
+            "images": int(len(labels)), "split": "val"}

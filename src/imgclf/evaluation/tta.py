@@ -10,7 +10,6 @@ Part of the evaluation layer (`imgclf.evaluation`), above the runtime that runs 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -20,19 +19,9 @@ from imgclf.data.pipeline import ImageStore
 from imgclf.evaluation.calibration import softmax
 from imgclf.evaluation.metrics import classification_metrics
 from imgclf.progress import progress
-from imgclf.runtime import FrozenForward, stream_outputs
+from imgclf.runtime import FrozenForward, StorePredictions, stream_outputs
 
 TTA_METHOD = "mean of the softmax over the image and its left-right mirror"
-
-
-@dataclass
-class StorePredictions:
-    """What a model said about every readable image of a store."""
-
-    logits: np.ndarray  # N x C float32, before any temperature
-    labels: np.ndarray  # N int64 true labels
-    positions: np.ndarray  # N int64 positions in store.images, to find the image again
-    mirrored_logits: np.ndarray | None = None  # N x C logits of the mirrored images (TTA only)
 
 
 def collect_predictions(

@@ -14,27 +14,25 @@ from typing import Any
 
 import numpy as np
 
-from imgclf.bundle import Model, read_bundle_json, write_temperature
+from imgclf.bundle import Model, read_bundle_json
 from imgclf.data.dataset import Dataset, ImageSet
 from imgclf.data.pipeline import ImageStore
 from imgclf.data.sources import load_dataset
 from imgclf.errors import BundleError, ConfigError
 from imgclf.evaluation.calibration import (
     ECE_BINS,
-    MAX_TEMPERATURE,
-    MIN_TEMPERATURE,
+    calibrate,
     expected_calibration_error,
-    fit_temperature,
     negative_log_likelihood,
     reliability_bins,
     softmax,
 )
 from imgclf.evaluation.metrics import classification_metrics, plot_confusion
-from imgclf.evaluation.tta import StorePredictions, collect_predictions, tta_summary
+from imgclf.evaluation.tta import collect_predictions, tta_summary
 from imgclf.progress import log
 from imgclf.report import figures
 from imgclf.report.html import render_report
-from imgclf.runtime import FrozenForward, pick_device
+from imgclf.runtime import FrozenForward, StorePredictions, pick_device
 
 REPORT_FOLDER = "report"  # inside the bundle folder, unless `out` is given
 REPORT_VERSION = 1
@@ -56,8 +54,8 @@ def write_report(
 
     The split is rebuilt from DATA (default: the data the bundle was trained on) with the bundle's
     val_fraction and seed, so validation is exactly the training run's. The report scores the test
-    split when there is one, else validation. The temperature fitted on validation is written into
-    the bundle's imgclf.json, and `predict` uses it from then on.
+    split when there is one, else validation. It reads the bundle and never writes it: the
+    temperature shown is the one training fitted on validation and stored.
 
     Args:
         model_dir: a bundle folder written by `imgclf train`.
@@ -110,9 +108,9 @@ def report_after_training(
             model, dataset, bundle_dir=bundle_dir, data=str(model.meta.get("config", {}).get("data", "")),
             stores=stores, predictions=predictions, batch_size=batch_size, device=device,
         )
-    except Exception as exc:  # the report is a bonus; the trained bundle must survive any bug in it
-        log(f"warning: the evaluation report failed ({type(exc).__name__}: {exc}); "
-            f"the bundle is fine; retry with: imgclf report {bundle_dir}")
+    except Exception as exc:  # the report only reads the bundle: a bug in it must not fail the saved run
+        log(f"error: the evaluation report failed ({type(exc).__name__}: {exc}); the bundle was saved before "
+            f"and is unchanged; retry with: imgclf report {bundle_dir}")
         return None
     log(f"report: {path}")
     return path
@@ -132,7 +130,7 @@ def build_report(
     device: str = "auto",
     runtime: str = "auto",
 ) -> Path:
-    """Predict, fit the temperature, compute every number, draw every figure, write the files.
+    """Predict, compute every number, draw every figure, write the files (the bundle is only read).
 
     `predictions` (the model's logits on val and test, positions in `stores`) replace the
     prediction pass when they cover the splits the report needs and `tta` is off.
@@ -144,7 +142,7 @@ def build_report(
     split = "test" if dataset.test is not None else "val"
     for name, images in (("val", dataset.val), (split, dataset.test if split == "test" else dataset.val)):
         if name not in stores and images is not None:
-            stores[name] = ImageStore(images, model.preprocessing, memory_budget=0, description=f"decode {name}")
+            stores[name] = ImageStore.decode(images, model.preprocessing, memory_budget=0, description=f"decode {name}")
     given = predictions or {}
     if not tta and "val" in given and split in given:
         val, scored = given["val"], given[split]
@@ -158,17 +156,16 @@ def build_report(
                 forward, stores[split], batch_size=batch_size, tta=tta, desc=f"report {split}")
         finally:
             model.module.cpu()  # Model's own forward path expects the module on the CPU
-    fitted = fit_temperature(val.logits, val.labels)
-    # At a search bound the NLL was still falling: validation (nearly) separable, T not identifiable.
-    # Storing T = 0.05 would make every future prediction near-certain, so predict keeps T = 1.
-    usable = MIN_TEMPERATURE * 1.01 < fitted < MAX_TEMPERATURE / 1.01
-    temperature = fitted if usable else 1.0
-    write_temperature(bundle_dir, temperature)
-    model.meta["temperature"] = temperature
+    # Training fitted the temperature on val and stored it in the bundle; the report only reads it.
+    # A bundle from before that (no "calibration" record) is shown what fitting would give, unstored.
+    calibration = model.meta.get("calibration") or {**calibrate(val.logits, val.labels), "stored": False}
+    temperature = model.temperature if "calibration" in model.meta else float(calibration["temperature"])
+    fitted, usable = float(calibration["fitted_temperature"]), bool(calibration["usable"])
 
     report = analyse(model, scored, temperature=temperature, split=split, data=data, bundle_dir=bundle_dir,
                      val_from_train=dataset.val_from_train)
-    report["calibration"].update(fitted_temperature=fitted, temperature_usable=usable)
+    report["calibration"].update(fitted_temperature=fitted, temperature_usable=usable,
+                                 temperature_stored=calibration.get("stored", True))
     report["tta"] = tta_summary(scored, model.classes, temperature) if tta else None
     # Files the pre-flight scan dropped before training are in the bundle; add any the report's own
     # decoding could not read.

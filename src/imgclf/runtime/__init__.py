@@ -16,10 +16,11 @@ Example:
 from __future__ import annotations
 
 from imgclf.runtime.device import autocast, compute_dtype, cpu_has_native_bf16, pick_device
-from imgclf.runtime.frozen import FrozenForward, run_frozen, stream_outputs
+from imgclf.runtime.frozen import FrozenForward, StorePredictions, run_frozen, stream_outputs
 
 __all__ = [
     "FrozenForward",
+    "StorePredictions",
     "autocast",
     "compute_dtype",
     "cpu_has_native_bf16",

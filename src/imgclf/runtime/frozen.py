@@ -2,7 +2,7 @@
 
 `FrozenForward` picks the engine (OpenVINO on a CPU where it is installed, else PyTorch with
 channels_last and autocast; ONNX on request), `stream_outputs` feeds it uint8 batches, and
-`run_frozen` runs it over a whole `ImageStore` (sharded under torchrun). The probe's features, the
+`run_frozen` runs it over a whole `Store` (sharded under torchrun). The probe's features, the
 final scores, the report, `evaluate` and `Model.predict` all go through here.
 
 Part of the runtime layer (`imgclf.runtime`), above data and models, below training and the bundle.
@@ -11,6 +11,7 @@ Part of the runtime layer (`imgclf.runtime`), above data and models, below train
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from imgclf import distributed
-from imgclf.data.pipeline import ImageStore, Preprocessing, normalize
+from imgclf.data.pipeline import Preprocessing, Store, normalize
 from imgclf.errors import ConfigError
 from imgclf.memory import limit_heap_growth
 from imgclf.progress import progress
@@ -95,7 +96,7 @@ class FrozenForward:
             for indices, batch in batches:
                 yield indices, self(normalize(batch, prep))
             return
-        # N x S x S x 3 input (the network transposes it): ImageStore's batches are channels_last,
+        # N x S x S x 3 input (the network transposes it): a Store's batches are channels_last,
         # so their memory goes in as it is; other batches are copied into that layout.
         runner = self._openvino.runner(prep)
         arrays = ((indices, np.ascontiguousarray(batch.contiguous(memory_format=torch.channels_last)
@@ -125,7 +126,7 @@ def stream_outputs(
 
 
 def run_frozen(
-    forward: FrozenForward, store: ImageStore, *, batch_size: int, desc: str, shard: bool = False
+    forward: FrozenForward, store: Store, *, batch_size: int, desc: str, shard: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     """Run a frozen network over every readable image of `store`.
 
@@ -149,3 +150,13 @@ def run_frozen(
         local = (distributed.gather_rows(local[0]), distributed.gather_rows(local[1]),
                  distributed.gather_rows(local[2]))
     return local[0], local[1], local[2].numpy()
+
+
+@dataclass
+class StorePredictions:
+    """What a model said about every readable image of a store."""
+
+    logits: np.ndarray  # N x C float32, before any temperature
+    labels: np.ndarray  # N int64 true labels
+    positions: np.ndarray  # N int64 positions in store.images, to find the image again
+    mirrored_logits: np.ndarray | None = None  # N x C logits of the mirrored images (TTA only)

@@ -108,8 +108,7 @@ class Predictor:
         return self.model.probabilities(batch, runtime=self.settings.runtime).numpy()
 
     def top(self, row: np.ndarray) -> list[dict[str, Any]]:
-        k = max(1, min(self.settings.top_k, len(self.model.classes)))
-        return [{"label": self.model.classes[j], "probability": float(row[j])} for j in np.argsort(-row)[:k]]
+        return [{"label": label, "probability": p} for label, p in self.model.top_classes(row, self.settings.top_k)]
 
 
 def create_app(model: Model, *, settings: ServeSettings | None = None) -> FastAPI:

@@ -33,7 +33,7 @@ import torch
 from imgclf.config import TrainConfig
 from imgclf.errors import ConfigError, ImgclfError, check_format
 from imgclf.files import TEMP_PREFIX, atomic_write_text, fsync_dir, fsync_file
-from imgclf.models.classifier import ImageClassifier, non_finite_tensors
+from imgclf.models.classifier import ImageClassifier, non_finite_tensors, state_dict_mismatch
 from imgclf.progress import log
 from imgclf.training.finetune import FitResult, LoopState, NonFiniteLossError
 from imgclf.training.reproducible import rng_states, set_rng_states
@@ -163,16 +163,10 @@ def latest_checkpoint(out: str | Path) -> Checkpoint | None:
 
 def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Load `state` into `module`; any missing, unexpected or reshaped key is listed in the error."""
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    reshaped = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
-    if missing or unexpected or reshaped:
-        parts = [f"{name}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
-                 for name, keys in (("missing", missing), ("unexpected", unexpected), ("shape differs", reshaped))
-                 if keys]
+    mismatch = state_dict_mismatch(module, state)
+    if mismatch:
         raise CheckpointError(
-            f"the weights in {source} do not match the model: " + "; ".join(parts),
+            f"the weights in {source} do not match the model: {mismatch}",
             expected="a checkpoint of the same backbone and class count",
             fix="resume with the options of the original run, or use a new --out",
         )
@@ -209,6 +203,9 @@ class Checkpointer:
         self.cfg = cfg
         self.resume_from = resume_from
         self.probe_info: dict[str, Any] | None = resume_from.state.get("probe") if resume_from else None
+        # The training steps' dtype, chosen by timing (training/precision.py): a resumed run must use the
+        # one the run began with, not time again (a close call can go the other way on a busy machine).
+        self.training_dtype: str | None = resume_from.state.get("training_dtype") if resume_from else None
         self.seq = resume_from.seq if resume_from else max(
             (int(p.name[5:]) for p in checkpoint_folders(out)), default=0
         )
@@ -383,7 +380,7 @@ class Checkpointer:
     def _write(self, values: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         from safetensors.torch import save_file
 
-        from imgclf.bundle import library_versions
+        from imgclf.version import library_versions
 
         rng_tensors, rng_values = rng_states()
         tensors.update(_tensors("rng", rng_tensors))
@@ -393,7 +390,8 @@ class Checkpointer:
             "format": FORMAT, "format_version": FORMAT_VERSION, "seq": self.seq,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             **values,
-            "probe": self.probe_info, "rng": rng_values, "threads": torch.get_num_threads(),
+            "probe": self.probe_info, "training_dtype": self.training_dtype, "rng": rng_values,
+            "threads": torch.get_num_threads(),
             "config": self.cfg.to_dict(), "versions": library_versions(),
         }
         text = json.dumps(state, indent=1, default=_json_default)

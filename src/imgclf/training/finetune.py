@@ -27,7 +27,7 @@ from torch import nn
 
 from imgclf import distributed
 from imgclf.config import TrainConfig
-from imgclf.data.pipeline import Augmentation, Store, normalize
+from imgclf.data.pipeline import Augmentation, Preprocessing, Store, normalize
 from imgclf.errors import ImgclfError
 from imgclf.models.classifier import ImageClassifier
 from imgclf.progress import log, progress
@@ -210,6 +210,40 @@ def global_normaliser(criterion: nn.Module, labels: torch.Tensor) -> torch.Tenso
     return weight.cpu()[labels].sum().to(weight.device) if weight is not None else len(labels)
 
 
+def _forward_loss(
+    net: Callable[[torch.Tensor], torch.Tensor], criterion: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+    prep: Preprocessing, device: torch.device, dtype: torch.dtype,
+) -> tuple[torch.Tensor, float, int]:
+    """(loss to backpropagate, the batch's mean loss, images right) for one batch; under torchrun the
+    batch was augmented whole (the draws are one process's) and this rank trains on its slice."""
+    x, y = images, labels
+    sharded = distributed.active()
+    if sharded:
+        keep = distributed.batch_slice(len(labels))
+        x, y = images[keep], labels[keep]
+    x = normalize(x, prep).to(device, non_blocking=True)
+    y = y.to(device, non_blocking=True)
+    with autocast(device, dtype):
+        logits = net(x)
+        loss = criterion(logits.float(), y)
+    if sharded:  # this rank's share of the global batch's mean loss: the ranks' shares add up to it
+        loss = loss / global_normaliser(criterion, labels)
+        loss_value, correct = distributed.all_sum([loss, (logits.argmax(1) == y).sum()])
+        return loss, float(loss_value), int(correct)
+    return loss, loss.item(), int((logits.argmax(1) == y).sum())
+
+
+def _non_finite(loss_value: float, epoch: int, step: int, indices: np.ndarray, store: Store) -> NonFiniteLossError:
+    paths = [store.images.paths[int(i)] for i in indices[:4]]
+    return NonFiniteLossError(
+        f"the loss became {loss_value} at epoch {epoch}, step {step} (batch of {len(indices)} images: "
+        f"positions {indices[:8].tolist()}{', e.g. ' + ', '.join(paths) if paths else ''}); "
+        "training stopped before these weights were updated or saved",
+        expected="a finite loss",
+        fix="lower --lr (e.g. by 10x) or check the input images; the last good checkpoint is kept",
+    )
+
+
 def train_one_epoch(
     model: ImageClassifier,
     store: Store,
@@ -238,7 +272,6 @@ def train_one_epoch(
     """
     model.set_backbone_trainable(True, freeze_bn=cfg.freeze_bn)
     net = net if net is not None else model
-    sharded = distributed.active()
     state = state if state is not None else LoopState(epoch=epoch)
     if state.step == 0 or state.augment_generator is None:
         state.augment_generator = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
@@ -254,33 +287,13 @@ def train_one_epoch(
             break
         images = augment(batch, generator) if augment is not None else batch
         labels = store.labels[torch.from_numpy(indices)]
-        x, y = images, labels
-        if sharded:  # augmented whole above, so the draws are those of one process; train on this rank's slice
-            keep = distributed.batch_slice(len(indices))
-            x, y = images[keep], labels[keep]
-        x = normalize(x, store.prep).to(device, non_blocking=True)
-        y = y.to(device, non_blocking=True)
-        with autocast(device, dtype):
-            logits = net(x)
-            loss = criterion(logits.float(), y)
-        if sharded:  # this rank's share of the global batch's mean loss: the ranks' shares add up to it
-            loss = loss / global_normaliser(criterion, labels)
-            loss_value, correct = distributed.all_sum([loss, (logits.argmax(1) == y).sum()])
-        else:
-            loss_value, correct = loss.item(), int((logits.argmax(1) == y).sum())
+        loss, loss_value, correct = _forward_loss(net, criterion, images, labels, store.prep, device, dtype)
         if not math.isfinite(loss_value):
             bar.close()
-            paths = [store.images.paths[int(i)] for i in indices[:4]]
-            raise NonFiniteLossError(
-                f"the loss became {loss_value} at epoch {epoch}, step {step} (batch of {len(indices)} images: "
-                f"positions {indices[:8].tolist()}{', e.g. ' + ', '.join(paths) if paths else ''}); "
-                "training stopped before these weights were updated or saved",
-                expected="a finite loss",
-                fix="lower --lr (e.g. by 10x) or check the input images; the last good checkpoint is kept",
-            )
+            raise _non_finite(loss_value, epoch, step, indices, store)
         optimizer.zero_grad(set_to_none=True)
         # DistributedDataParallel averages the ranks' gradients: times world, they sum to the global batch's.
-        (loss * distributed.world_size() if sharded else loss).backward()
+        (loss * distributed.world_size() if distributed.active() else loss).backward()
         optimizer.step()
         scheduler.step()
         state.step = step + 1
@@ -338,133 +351,195 @@ def fit(
     `max_epochs`, the epochs are re-planned early in the first epoch on the measured speed, up to it.
     A run resumed after that point keeps the plan it was resumed with.
     """
-    result = FitResult()
-    if epochs == 0:
-        return result
-    # One memory layout for the weights whatever ran before (inputs are channels_last too), so a
-    # resumed run uses the same kernels, and so the same float rounding, as an uninterrupted one.
-    model.to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]
-    model.set_backbone_trainable(True, freeze_bn=cfg.freeze_bn)
-    configure_cuda(device, deterministic=cfg.deterministic)
-    # On CUDA the uint8 images move to the GPU once when they fit (else per batch, pinned); no-op on a CPU.
-    train_store = place_store(train_store, device, name="train")
-    val_store = place_store(val_store, device, name="val")
-    optimizer = torch.optim.AdamW(param_groups(model, cfg))
-    steps_per_epoch = math.ceil(len(train_store) / cfg.batch_size)
-    hard_deadline = deadline is not None and cfg.time_budget_minutes is not None
-    window = (clock(), deadline) if hard_deadline and deadline is not None else None
-    schedule = WarmupCosine(0, 1, time_window=window, clock=clock)
+    loop = FitLoop(model, train_store, val_store, cfg, epochs=epochs, device=device, dtype=dtype,
+                   callbacks=callbacks, checkpointer=checkpointer, deadline=deadline, max_epochs=max_epochs,
+                   clock=clock, baseline=baseline)
+    return loop.run()
 
-    def set_epochs(count: int) -> None:
-        nonlocal epochs
-        epochs = count
-        schedule.total_steps = steps_per_epoch * count
-        schedule.warmup_steps = warmup_steps(schedule.total_steps, cfg.warmup_fraction)
 
-    set_epochs(epochs)
-    # A lambda, not the object: LambdaLR would put the object's fields (a clock) in its state_dict.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step))
-    replan_clock: float | None = None  # clock() at step REPLAN_FROM_STEP of the first epoch, budget runs
-    # --balance: weight each image by 1 / its class frequency, so small classes count as much.
-    weight = balanced_class_weights(train_store.labels, model.num_classes).to(device) if cfg.balance else None
-    # Under torchrun each rank sums its slice's losses (see train_one_epoch).
-    reduction = "sum" if distributed.active() else "mean"
-    criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing, reduction=reduction)
-    augment = Augmentation.named(cfg.augment, flip=cfg.flip)
-    state = LoopState()
-    if checkpointer is not None:
-        checkpointer.restore_fit(model, optimizer, scheduler, state, result)
-    if state.best_state is None and baseline is not None:  # a new run: the starting model is the one to beat
-        result.history.append({"epoch": 0, "model": "probe head, frozen backbone", "val_loss": baseline["val_loss"],
-                               "val_accuracy": baseline["val_accuracy"]})
-        result.best_epoch, result.best_val_accuracy = 0, baseline["val_accuracy"]
-        result.best_val_loss = baseline["val_loss"]
-        state.best_state = copy.deepcopy(model.state_dict())
-    # Frozen BatchNorm statistics are the same on every rank: no need to broadcast them each step.
-    net = training_forward(distributed.wrap(model, device, broadcast_buffers=not cfg.freeze_bn),
-                           compile_model=cfg.compile)
+class FitLoop:
+    """One fine-tuning run, read top to bottom in `run`: epochs -> steps -> evaluate -> select.
 
-    def on_step() -> None:
-        nonlocal replan_clock
-        if hard_deadline and deadline is not None and state.epoch == 1 and max_epochs is not None:
-            if state.step == REPLAN_FROM_STEP:
-                replan_clock = clock()
-            elif state.step == REPLAN_AT_STEP and replan_clock is not None:
-                seconds_per_step = (clock() - replan_clock) / (REPLAN_AT_STEP - REPLAN_FROM_STEP)
-                count = replanned_epochs(
-                    seconds_per_step=seconds_per_step, steps_per_epoch=steps_per_epoch, steps_done=state.step,
-                    val_images=len(val_store), batch_size=cfg.batch_size, seconds_left=deadline - clock(),
-                    max_epochs=max_epochs,
-                )
-                if count != epochs:
-                    log(f"re-planned on the first {REPLAN_AT_STEP} steps ({cfg.batch_size / seconds_per_step:.0f} "
-                        f"img/s): {count} epoch(s) instead of {epochs}")
-                    set_epochs(count)
-        if checkpointer is not None and checkpointer.due():
-            checkpointer.save_fit(model, optimizer, scheduler, state, result)
+    The state that a step, an epoch and a checkpoint share lives on the object (no closures): the
+    optimizer and schedule, `state` (where the loop stands, enough to resume at the exact batch)
+    and `result` (the history and the best candidate). `fit` is the function to call.
+    """
 
-    def run_epoch(batch_size: int) -> dict[str, Any]:
+    def __init__(
+        self, model: ImageClassifier, train_store: Store, val_store: Store, cfg: TrainConfig, *, epochs: int,
+        device: torch.device, dtype: torch.dtype, callbacks: Sequence[Callback], checkpointer: Checkpointer | None,
+        deadline: float | None, max_epochs: int | None, clock: Callable[[], float],
+        baseline: dict[str, float] | None,
+    ) -> None:
+        self.model, self.cfg, self.epochs, self.device, self.dtype = model, cfg, epochs, device, dtype
+        self.callbacks, self.checkpointer, self.clock = callbacks, checkpointer, clock
+        self.deadline, self.max_epochs, self.baseline = deadline, max_epochs, baseline
+        self.hard_deadline = deadline is not None and cfg.time_budget_minutes is not None
+        self.result, self.state = FitResult(), LoopState()
+        if epochs == 0:
+            return
+        # One memory layout for the weights whatever ran before (inputs are channels_last too), so a
+        # resumed run uses the same kernels, and so the same float rounding, as an uninterrupted one.
+        model.to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]
+        model.set_backbone_trainable(True, freeze_bn=cfg.freeze_bn)
+        configure_cuda(device, deterministic=cfg.deterministic)
+        # On CUDA the uint8 images move to the GPU once when they fit (else per batch, pinned); no-op on a CPU.
+        self.train_store = place_store(train_store, device, name="train")
+        self.val_store = place_store(val_store, device, name="val")
+        self.optimizer = torch.optim.AdamW(param_groups(model, cfg))
+        self.steps_per_epoch = math.ceil(len(self.train_store) / cfg.batch_size)
+        window = (clock(), deadline) if self.hard_deadline and deadline is not None else None
+        self.schedule = WarmupCosine(0, 1, time_window=window, clock=clock)
+        self.set_epochs(epochs)
+        # A lambda, not the object: LambdaLR would put the object's fields (a clock) in its state_dict.
+        schedule = self.schedule
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: schedule(step))
+        self.replan = BudgetReplan() if self.hard_deadline and max_epochs is not None else None
+        # --balance: weight each image by 1 / its class frequency, so small classes count as much.
+        weight = (balanced_class_weights(self.train_store.labels, model.num_classes).to(device)
+                  if cfg.balance else None)
+        # Under torchrun each rank sums its slice's losses (see train_one_epoch).
+        reduction = "sum" if distributed.active() else "mean"
+        self.criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing, reduction=reduction)
+        self.augment = Augmentation.named(cfg.augment, flip=cfg.flip)
+        if checkpointer is not None:
+            checkpointer.restore_fit(model, self.optimizer, self.scheduler, self.state, self.result)
+        # Frozen BatchNorm statistics are the same on every rank: no need to broadcast them each step.
+        self.net = training_forward(distributed.wrap(model, device, broadcast_buffers=not cfg.freeze_bn),
+                                    compile_model=cfg.compile)
+
+    def run(self) -> FitResult:
+        """Train, score every epoch on val, keep the best candidate; returns the history and the choice."""
+        if self.epochs == 0:
+            return self.result
+        self.start_from_baseline()
+        while self.state.epoch <= self.epochs and not self.result.stopped_early:
+            if self.state.step == 0:
+                self.state.start_lr = self.optimizer.param_groups[0]["lr"]
+            record: dict[str, Any] = {"epoch": self.state.epoch, "lr": self.state.start_lr}
+            trained, _ = run_with_batch_fallback(self.train_epoch, self.cfg.batch_size)
+            record.update(trained, batch_size=self.cfg.batch_size)
+            self.evaluate(record)
+            self.select(record)
+            self.end_epoch(record)
+        if self.state.best_state is not None:
+            self.model.load_state_dict(self.state.best_state)
+        for record in self.result.history:
+            record["selected"] = record["epoch"] == self.result.best_epoch
+        self.model.eval()
+        return self.result
+
+    def start_from_baseline(self) -> None:
+        """A new run: the starting model (the probe's head) is candidate epoch 0, the one to beat."""
+        if self.state.best_state is not None or self.baseline is None:
+            return
+        self.result.history.append({"epoch": 0, "model": "probe head, frozen backbone",
+                                    "val_loss": self.baseline["val_loss"],
+                                    "val_accuracy": self.baseline["val_accuracy"]})
+        self.result.best_epoch, self.result.best_val_accuracy = 0, self.baseline["val_accuracy"]
+        self.result.best_val_loss = self.baseline["val_loss"]
+        self.state.best_state = copy.deepcopy(self.model.state_dict())
+
+    def set_epochs(self, count: int) -> None:
+        """Plan `count` epochs: the schedule's length and warm-up follow."""
+        self.epochs = count
+        self.schedule.total_steps = self.steps_per_epoch * count
+        self.schedule.warmup_steps = warmup_steps(self.schedule.total_steps, self.cfg.warmup_fraction)
+
+    def train_epoch(self, batch_size: int) -> dict[str, Any]:
         """Train `state.epoch` at `batch_size`; called again at half the size after running out of GPU memory."""
-        nonlocal cfg, steps_per_epoch
-        if batch_size != cfg.batch_size:  # after an out-of-memory error: the epoch starts again at the new size
-            cfg = dataclasses.replace(cfg, batch_size=batch_size)
-            steps_per_epoch = math.ceil(len(train_store) / batch_size)
-            set_epochs(epochs)  # the same epochs, in more steps
-            scheduler.last_epoch = (state.epoch - 1) * steps_per_epoch - 1  # step() moves it to this epoch's start
-            scheduler.step()
-            state.start_lr = optimizer.param_groups[0]["lr"]
-            state.step, state.seen, state.correct, state.loss_sum, state.seconds = 0, 0, 0, 0.0, 0.0
-            state.augment_generator = None
+        if batch_size != self.cfg.batch_size:  # after an out-of-memory error: the epoch starts again at the new size
+            self.cfg = dataclasses.replace(self.cfg, batch_size=batch_size)
+            self.steps_per_epoch = math.ceil(len(self.train_store) / batch_size)
+            self.set_epochs(self.epochs)  # the same epochs, in more steps
+            # step() moves it to this epoch's start
+            self.scheduler.last_epoch = (self.state.epoch - 1) * self.steps_per_epoch - 1
+            self.scheduler.step()
+            self.state.start_lr = self.optimizer.param_groups[0]["lr"]
+            self.state.step, self.state.seen, self.state.correct = 0, 0, 0
+            self.state.loss_sum, self.state.seconds, self.state.augment_generator = 0.0, 0.0, None
         return train_one_epoch(
-            model, train_store, optimizer, scheduler, criterion,
-            augment=augment, epoch=state.epoch, cfg=cfg, device=device, dtype=dtype, state=state, on_step=on_step,
-            stop_at=deadline if hard_deadline else None, clock=clock, net=net,
+            self.model, self.train_store, self.optimizer, self.scheduler, self.criterion,
+            augment=self.augment, epoch=self.state.epoch, cfg=self.cfg, device=self.device, dtype=self.dtype,
+            state=self.state, on_step=self.on_step, stop_at=self.deadline if self.hard_deadline else None,
+            clock=self.clock, net=self.net,
         )
 
-    while state.epoch <= epochs and not result.stopped_early:
-        epoch = state.epoch
-        if state.step == 0:
-            state.start_lr = optimizer.param_groups[0]["lr"]
-        record: dict[str, Any] = {"epoch": epoch, "lr": state.start_lr}
-        trained, _ = run_with_batch_fallback(run_epoch, cfg.batch_size)
-        record.update(trained, batch_size=cfg.batch_size)
-        val_loss, val_acc, _, _ = evaluate_store(
-            model, val_store, batch_size=cfg.batch_size, device=device, precision=cfg.precision, shard=True
-        )
+    def on_step(self) -> None:
+        """After every batch: the budget's re-plan early in epoch 1, and a checkpoint when one is due."""
+        if self.replan is not None:
+            self.replan.after_step(self)
+        if self.checkpointer is not None and self.checkpointer.due():
+            self.checkpointer.save_fit(self.model, self.optimizer, self.scheduler, self.state, self.result)
+
+    def evaluate(self, record: dict[str, Any]) -> None:
+        """Score the epoch's network on val (sharded under torchrun), log the epoch's line."""
+        val_loss, val_acc, _, _ = evaluate_store(self.model, self.val_store, batch_size=self.cfg.batch_size,
+                                                 device=self.device, precision=self.cfg.precision, shard=True)
         record.update(val_loss=val_loss, val_accuracy=val_acc)
-        result.history.append(record)
+        self.result.history.append(record)
         log(
-            f"epoch {epoch}/{epochs}: train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.4f}"
-            f" | val loss {val_loss:.4f} acc {val_acc:.4f} | {record['train_images_per_s']:.1f} img/s,"
-            f" {record['train_seconds']:.0f} s"
+            f"epoch {record['epoch']}/{self.epochs}: train loss {record['train_loss']:.4f} "
+            f"acc {record['train_accuracy']:.4f} | val loss {val_loss:.4f} acc {val_acc:.4f} | "
+            f"{record['train_images_per_s']:.1f} img/s, {record['train_seconds']:.0f} s"
         )
-        if state.best_state is None or is_better(val_acc, val_loss, result):
-            result.best_epoch, result.best_val_accuracy, result.best_val_loss = epoch, val_acc, val_loss
-            state.best_state = copy.deepcopy(model.state_dict())
+
+    def select(self, record: dict[str, Any]) -> None:
+        """Keep the epoch's weights if they beat the best candidate so far; count epochs without it."""
+        state, result = self.state, self.result
+        if state.best_state is None or is_better(record["val_accuracy"], record["val_loss"], result):
+            result.best_epoch, result.best_val_accuracy = record["epoch"], record["val_accuracy"]
+            result.best_val_loss = record["val_loss"]
+            state.best_state = copy.deepcopy(self.model.state_dict())
             state.since_best = 0
-        else:
-            state.since_best += 1
-            if state.since_best >= cfg.patience:
-                log(f"stopping early: no better val accuracy for {cfg.patience} epoch(s)")
-                result.stopped_early = True
+            return
+        state.since_best += 1
+        if state.since_best >= self.cfg.patience:
+            log(f"stopping early: no better val accuracy for {self.cfg.patience} epoch(s)")
+            result.stopped_early = True
+
+    def end_epoch(self, record: dict[str, Any]) -> None:
+        """Move to the next epoch, checkpoint, stop at the deadline, tell the callbacks."""
+        state, result, epoch = self.state, self.result, record["epoch"]
         state.epoch, state.step, state.seen, state.correct = epoch + 1, 0, 0, 0
         state.loss_sum, state.seconds, state.augment_generator = 0.0, 0.0, None
-        if checkpointer is not None:
-            checkpointer.save_fit(model, optimizer, scheduler, state, result)
-        if not result.stopped_early and deadline is not None:
-            if record["stopped_mid_epoch"] or (hard_deadline and clock() >= deadline):
+        if self.checkpointer is not None:
+            self.checkpointer.save_fit(self.model, self.optimizer, self.scheduler, state, result)
+        if not result.stopped_early and self.deadline is not None:
+            if record["stopped_mid_epoch"] or (self.hard_deadline and self.clock() >= self.deadline):
                 log(f"stopping in epoch {epoch} after {record['images']} images: the time budget's deadline passed")
                 result.stopped_early = True
-            elif not hard_deadline and epoch < epochs and clock() + record["train_seconds"] > deadline:
+            elif (not self.hard_deadline and epoch < self.epochs
+                  and self.clock() + record["train_seconds"] > self.deadline):
                 log(f"stopping after epoch {epoch}: another epoch would pass the time limit")
                 result.stopped_early = True
-        for callback in callbacks:
+        for callback in self.callbacks:
             hook = getattr(callback, "on_epoch_end", None)
             if hook is not None:
-                hook(record, model)
-    if state.best_state is not None:
-        model.load_state_dict(state.best_state)
-    for record in result.history:
-        record["selected"] = record["epoch"] == result.best_epoch
-    model.eval()
-    return result
+                hook(record, self.model)
+
+
+@dataclass
+class BudgetReplan:
+    """Budget runs: time steps REPLAN_FROM_STEP..REPLAN_AT_STEP of the first epoch, then re-plan the
+    epochs on that speed (`replanned_epochs`), up to the loop's `max_epochs`."""
+
+    started: float | None = None  # clock() at step REPLAN_FROM_STEP
+
+    def after_step(self, loop: FitLoop) -> None:
+        state = loop.state
+        if state.epoch != 1 or loop.deadline is None or loop.max_epochs is None:
+            return
+        if state.step == REPLAN_FROM_STEP:
+            self.started = loop.clock()
+        elif state.step == REPLAN_AT_STEP and self.started is not None:
+            seconds_per_step = (loop.clock() - self.started) / (REPLAN_AT_STEP - REPLAN_FROM_STEP)
+            count = replanned_epochs(
+                seconds_per_step=seconds_per_step, steps_per_epoch=loop.steps_per_epoch, steps_done=state.step,
+                val_images=len(loop.val_store), batch_size=loop.cfg.batch_size,
+                seconds_left=loop.deadline - loop.clock(), max_epochs=loop.max_epochs,
+            )
+            if count != loop.epochs:
+                log(f"re-planned on the first {REPLAN_AT_STEP} steps ({loop.cfg.batch_size / seconds_per_step:.0f} "
+                    f"img/s): {count} epoch(s) instead of {loop.epochs}")
+                loop.set_epochs(count)

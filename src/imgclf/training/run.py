@@ -1,10 +1,13 @@
-"""`train`: data -> backbone -> head fit (probe) -> fine-tuning -> evaluation -> bundle."""
+"""A training run: data -> backbone -> plan -> head fit (probe) -> fine-tuning -> scores on val and test.
+
+`run_training` returns what was trained (`TrainingRun`); scoring it, calibrating it, saving the
+bundle and writing the report happen a layer above, in `imgclf.workflow.train`.
+"""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import os
 import platform
 import time
@@ -17,20 +20,17 @@ from PIL import Image
 from torch import nn
 
 from imgclf import distributed
-from imgclf.bundle import Model, library_versions
 from imgclf.config import TrainConfig, resolve_config, save_yaml, with_default_budget
 from imgclf.data.check import preflight
 from imgclf.data.dataset import Dataset, ImageSet
-from imgclf.data.pipeline import ImageStore, Preprocessing, normalize
+from imgclf.data.pipeline import ImageStore, Preprocessing, Store, normalize
 from imgclf.data.sources import load_dataset, stratified_split
 from imgclf.errors import ConfigError
-from imgclf.evaluation import classification_metrics
-from imgclf.evaluation.calibration import softmax
-from imgclf.evaluation.tta import StorePredictions
 from imgclf.models.backbones import Backbone, create_backbone, resolve_backbone
 from imgclf.models.classifier import ImageClassifier
-from imgclf.progress import log, log_to_file
-from imgclf.runtime import FrozenForward, compute_dtype, pick_device, run_frozen
+from imgclf.progress import log
+from imgclf.runtime import FrozenForward, StorePredictions, compute_dtype, pick_device, run_frozen
+from imgclf.training.article import DEFAULT_SEED_EPOCHS, build_seed_model, fit_seed, seed_meta, seed_setup
 from imgclf.training.balance import balanced_class_weights
 from imgclf.training.checkpoint import Checkpointer, open_checkpointer
 from imgclf.training.eval_size import choose_eval_size
@@ -40,7 +40,7 @@ from imgclf.training.precision import training_dtype
 from imgclf.training.probe import PATH_STOP_DROP, STD_FLOOR, fit_probe
 from imgclf.training.reproducible import make_deterministic
 from imgclf.training.runlog import MetricsLog, TensorBoardLog
-from imgclf.training.seed import DEFAULT_SEED_EPOCHS, build_seed_model, fit_seed, seed_meta, seed_setup
+from imgclf.version import library_versions
 
 DEFAULT_FINETUNE_EPOCHS = 5  # with early stopping on val accuracy (patience 3)
 MIN_IMAGE_SIZE = 96  # below this lite0/ResNet final feature maps are 3x3 or smaller
@@ -93,26 +93,19 @@ def memory_budget(fraction: float) -> int:
 
 
 def _store(images: ImageSet, prep: Preprocessing, cfg: TrainConfig, budget: int, name: str) -> ImageStore:
-    store = ImageStore(images, prep, memory_budget=budget, workers=cfg.workers, description=f"decode {name}")
+    store = ImageStore.decode(images, prep, memory_budget=budget, workers=cfg.workers, description=f"decode {name}")
     mode = "in memory" if store.in_memory else "streamed from disk"
     log(f"{name}: {len(store)} images at {prep.image_size} px, {mode}")
     return store
 
 
-def train(config: TrainConfig | None = None, **overrides: Any) -> Model:
-    """Train a classifier and write its bundle to `config.out`.
-
-    Args:
-        config: a full configuration; or pass its fields as keyword arguments.
-        **overrides: fields of `TrainConfig` that replace those of `config`.
-
-    Returns:
-        The trained `Model`, already saved.
+def resolve_run_config(config: TrainConfig | None = None, **overrides: Any) -> TrainConfig:
+    """The configuration a `train` call runs with: `config` and `overrides` merged, the default time
+    budget applied, and every mistake that can be found before reading data raised now.
 
     Example:
-        >>> model = imgclf.train(data="photos/", out="runs/photos", recipe="probe")  # doctest: +SKIP
-        >>> model.meta["metrics"]["val"]["accuracy"]  # doctest: +SKIP
-        0.93
+        >>> resolve_run_config(data="photos/", out="runs/p", recipe="probe").recipe
+        'probe'
     """
     if config is None:
         cfg = resolve_config(**overrides)
@@ -129,19 +122,45 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> Model:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {cfg.out!r} is a file", fix="pass a folder path for the bundle")
     resolve_backbone(cfg.backbone)  # a typo in the name fails now, not after reading the data
-    if cfg.recipe == "seed" and distributed.launch() is not None:
-        raise ConfigError("--recipe seed runs in one process", expected="a launch without torchrun",
+    if cfg.recipe == "article" and distributed.launch() is not None:
+        raise ConfigError("--recipe article runs in one process", expected="a launch without torchrun",
                           fix="run it as `imgclf train ...`, or use --recipe finetune or probe with torchrun")
-    # Under torchrun (imgclf.distributed) every rank trains; only rank 0 writes, and logs.
-    with distributed.session(pick_device(cfg.device)):
-        if not distributed.is_main():
-            return _train(cfg, out)
-        out.mkdir(parents=True, exist_ok=True)
-        with log_to_file(out / "train.log"):
-            return _train(cfg, out)
+    return cfg
 
 
-def _train(cfg: TrainConfig, out: Path) -> Model:
+@dataclasses.dataclass
+class TrainingRun:
+    """What training produced, for the layers above to score, calibrate and save as a bundle."""
+
+    model: ImageClassifier  # on the CPU, in eval mode
+    classes: list[str]
+    prep: Preprocessing  # the test-time preprocessing (its size may exceed the training size)
+    meta: dict[str, Any]  # the bundle's description of the run: backbone, head, recipe, config, history...
+    predictions: dict[str, StorePredictions]  # the final model's logits on val and test
+    stores: dict[str, ImageStore]  # val and test, decoded at `prep`'s size
+    dataset: Dataset
+    checkpointer: Checkpointer  # `finish` it once the bundle is saved
+    started: float  # time.perf_counter() at the start of the run
+
+
+@dataclasses.dataclass
+class _Setup:
+    """The plan for one run: what `_fit` trains, at what size and precision, until when."""
+
+    cfg: TrainConfig  # with the time budget's choices (recipe, size, epochs) filled in
+    dataset: Dataset  # the probe may use a stratified subset of train under a tight budget
+    backbone: Backbone
+    prep: Preprocessing
+    dtype: torch.dtype  # the training steps' autocast dtype
+    deadline: float | None = None  # no epoch after the first may end past it
+    search_end: float | None = None  # the test-time size search must end by then
+    epoch_cap: int | None = None  # budget runs: the most epochs a re-plan may give
+
+
+def run_training(cfg: TrainConfig, out: Path) -> TrainingRun:
+    """Train under `cfg`: load data -> build the backbone -> plan -> fit. Writes the run's own files
+    into `out` (config.yaml, metrics, checkpoints) on rank 0; the bundle is the caller's to save.
+    """
     started = time.perf_counter()
     if cfg.deterministic:
         log(f"deterministic: on, {make_deterministic(cfg.seed)} thread(s)")
@@ -156,7 +175,51 @@ def _train(cfg: TrainConfig, out: Path) -> Model:
         callbacks.append(MetricsLog(out, history=checkpointer.resumed_history()))
         if cfg.tensorboard:
             callbacks.append(TensorBoardLog(out, first_epoch=len(checkpointer.resumed_history()) + 1))
+    dataset, unreadable = _load_data(cfg)
+    device = distributed.rank_device(pick_device(cfg.device))
+    setup = _plan(cfg, dataset, device, started, recorded_dtype=checkpointer.training_dtype)
+    checkpointer.training_dtype = str(setup.dtype).replace("torch.", "")
+    cfg, dataset, backbone, prep = setup.cfg, setup.dataset, setup.backbone, setup.prep
+    log(f"backbone: {cfg.backbone}, {backbone.num_features} features, weights: {backbone.weights_source}")
+    log(f"input: {prep.image_size} px, {prep.interpolation}, mean {prep.mean}, std {prep.std}; "
+        f"device {device}, {str(setup.dtype).replace('torch.', '')}")
+    # Deadlines in rank 0's clock, which `distributed.clock` reads on every rank.
+    deadline, search_end = distributed.agree((setup.deadline, setup.search_end))
+    fitted = _fit(backbone, dataset, prep, cfg, device, setup.dtype, checkpointer, callbacks, deadline, search_end,
+                  setup.epoch_cap)
+    # Streamed images that failed to decode are found by the rank that read them.
+    failed = distributed.gather_lists([item for s in fitted.stores.values() for item in s.failed])
+    skipped = unreadable + [{"path": p, "reason": r} for p, r in dict.fromkeys(failed)]
+    meta = {
+        "backbone": {
+            "name": cfg.backbone,
+            "timm_name": backbone.entry.timm_name,
+            "weights_source": backbone.weights_source,
+            "num_features": backbone.num_features,
+        },
+        "head": {"kind": "linear", "in_features": backbone.num_features, "num_classes": len(dataset.classes)},
+        "recipe": cfg.recipe,
+        # The seed network's conv base and dense head replace the two entries above.
+        **(seed_meta(backbone, len(dataset.classes)) if cfg.recipe == "article" else {}),
+        "config": cfg.to_dict(),
+        "data": dataset.summary(),
+        "probe": fitted.probe_info,
+        "history": fitted.history,
+        **({"selection": selection_summary(fitted.history)} if fitted.history else {}),
+        **({"test_time_size": fitted.eval_size} if fitted.eval_size else {}),
+        "skipped_files": skipped,
+        "hardware": {"device": str(device), "dtype": str(setup.dtype),
+                     "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                     **distributed.describe()},
+        "versions": library_versions(),
+    }
+    return TrainingRun(model=fitted.model, classes=dataset.classes, prep=fitted.prep, meta=meta,
+                       predictions=fitted.predictions, stores=fitted.stores, dataset=dataset,
+                       checkpointer=checkpointer, started=started)
 
+
+def _load_data(cfg: TrainConfig) -> tuple[Dataset, list[dict[str, str]]]:
+    """The dataset, after the pre-flight scan; and the files it dropped as unreadable."""
     dataset = load_dataset(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
     # Decode every file once up front: unreadable ones are dropped (or too many stop the run) now,
     # not discovered in epoch 7.
@@ -169,97 +232,46 @@ def _train(cfg: TrainConfig, out: Path) -> Model:
         f"data: {dataset.source}, {len(dataset.classes)} classes; train {len(dataset.train)}, "
         f"val {len(dataset.val)}{' (held out from train)' if dataset.val_from_train else ''}, test {test_count}"
     )
-    device = distributed.rank_device(pick_device(cfg.device))
+    return dataset, unreadable
+
+
+def _plan(cfg: TrainConfig, dataset: Dataset, device: torch.device, started: float, *,
+          recorded_dtype: str | None = None) -> _Setup:
+    """Build the backbone and decide size, precision, epochs and deadlines (the time budget's plan).
+
+    `recorded_dtype` is the training dtype of the run being resumed, if any: it is kept.
+    """
     dtype = compute_dtype(device, cfg.precision)
     deadline = started + 60 * cfg.max_minutes if cfg.max_minutes else None
-    search_end = deadline  # the test-time size search must end by then (the budget moves it)
-    epoch_cap: int | None = None  # budget runs: the most epochs a re-plan may give
-    if cfg.recipe == "seed":
+    if cfg.recipe == "article":
         prep, backbone = seed_setup(cfg, median_short_side(dataset.train, seed=cfg.seed))
         if cfg.time_budget_minutes:  # no plan for seed: a hard deadline before the scoring (see _fit)
             deadline = min(deadline or float("inf"), started + 60 * cfg.time_budget_minutes)
-    else:
-        backbone = create_backbone(cfg.backbone, weights=cfg.weights, random_init=cfg.random_init)
-        if cfg.recipe == "finetune":  # frozen passes keep `compute_dtype`'s choice; training steps are timed
-            dtype = _training_dtype(backbone, len(dataset.classes), cfg, device)
-        if cfg.time_budget_minutes:
-            from imgclf.training.budget import MAX_EPOCHS, plan_run
+        return _Setup(cfg, dataset, backbone, prep, dtype, deadline, deadline)
+    backbone = create_backbone(cfg.backbone, weights=cfg.weights, random_init=cfg.random_init)
+    if recorded_dtype is not None:
+        dtype = getattr(torch, recorded_dtype)
+    elif cfg.recipe == "finetune":  # frozen passes keep `compute_dtype`'s choice; training steps are timed
+        dtype = _training_dtype(backbone, len(dataset.classes), cfg, device)
+    if not cfg.time_budget_minutes:
+        return _Setup(cfg, dataset, backbone, _preprocessing(backbone, dataset, cfg, device), dtype, deadline, deadline)
+    from imgclf.training.budget import MAX_EPOCHS, plan_run
 
-            epoch_cap = cfg.epochs if cfg.epochs is not None else MAX_EPOCHS
-
-            upper = choose_image_size(int(backbone.data_config["input_size"][-1]),
-                                      median_short_side(dataset.train, seed=cfg.seed), "probe", device)
-            # Every rank measures (the cores are shared as in the run); all follow rank 0's plan.
-            cfg, budget_deadline, search_end, probe_images = distributed.rank0_result(
-                lambda: plan_run(cfg, backbone, dataset, device=device, dtype=dtype, started=started,
-                                 upper_size=upper, parallel=distributed.world_size()),
-                everywhere=True,
-            )
-            deadline = min(deadline or float("inf"), budget_deadline)
-            if probe_images is not None:  # the budget fits a probe on part of train only
-                _, kept = stratified_split(dataset.train.labels, probe_images / len(dataset.train), cfg.seed)
-                dataset = dataclasses.replace(dataset, train=dataset.train.subset(np.sort(kept)))
-                log(f"time budget: the probe uses {len(dataset.train)} training images, a stratified subset")
-        prep = _preprocessing(backbone, dataset, cfg, device)
-    log(f"backbone: {cfg.backbone}, {backbone.num_features} features, weights: {backbone.weights_source}")
-    log(f"input: {prep.image_size} px, {prep.interpolation}, mean {prep.mean}, std {prep.std}; "
-        f"device {device}, {str(dtype).replace('torch.', '')}")
-
-    # Deadlines in rank 0's clock, which `distributed.clock` reads on every rank.
-    deadline, search_end = distributed.agree((deadline, search_end))
-    fitted = _fit(backbone, dataset, prep, cfg, device, dtype, checkpointer, callbacks, deadline, search_end,
-                  epoch_cap)
-    prep, stores = fitted.prep, fitted.stores  # the test-time size, and val/test decoded at it
-    metrics = {
-        split: classification_metrics(softmax(scored.logits), scored.labels, dataset.classes)
-        for split, scored in fitted.predictions.items()
-    }
-    # Streamed images that failed to decode are found by the rank that read them.
-    failed = distributed.gather_lists([item for s in stores.values() for item in s.failed])
-    skipped = unreadable + [{"path": p, "reason": r} for p, r in dict.fromkeys(failed)]
-    meta = {
-        "backbone": {
-            "name": cfg.backbone,
-            "timm_name": backbone.entry.timm_name,
-            "weights_source": backbone.weights_source,
-            "num_features": backbone.num_features,
-        },
-        "head": {"kind": "linear", "in_features": backbone.num_features, "num_classes": len(dataset.classes)},
-        "recipe": cfg.recipe,
-        # The seed network's conv base and dense head replace the two entries above.
-        **(seed_meta(backbone, len(dataset.classes)) if cfg.recipe == "seed" else {}),
-        "config": cfg.to_dict(),
-        "data": dataset.summary(),
-        "metrics": metrics,
-        "probe": fitted.probe_info,
-        "history": fitted.history,
-        **({"selection": selection_summary(fitted.history)} if fitted.history else {}),
-        **({"test_time_size": fitted.eval_size} if fitted.eval_size else {}),
-        "skipped_files": skipped,
-        "wall_seconds": round(time.perf_counter() - started, 1),
-        "hardware": {"device": str(device), "dtype": str(dtype), "cpu": platform.processor() or platform.machine(),
-                     "threads": torch.get_num_threads(), **distributed.describe()},
-        "versions": library_versions(),
-    }
-    trained = Model(fitted.model, dataset.classes, prep, meta)
-    if not distributed.is_main():  # the other ranks' work ends here: rank 0 writes everything
-        return trained
-    trained.save(out)
-    checkpointer.finish(keep=cfg.keep_checkpoints)
-    (out / "history.json").write_text(json.dumps(fitted.history, indent=2), encoding="utf-8")
-    if skipped:
-        (out / "skipped_files.txt").write_text(
-            # surrogateescape: a file name that is not valid UTF-8 is written back as its own bytes
-            "".join(f"{s['path']}\t{s['reason']}\n" for s in skipped), encoding="utf-8", errors="surrogateescape"
-        )
-        log(f"warning: skipped {len(skipped)} unreadable file(s); list in {out / 'skipped_files.txt'}")
-    from imgclf.report.build import report_after_training
-
-    report_after_training(trained, dataset, out, stores=stores, predictions=fitted.predictions,
-                          batch_size=cfg.batch_size, device=cfg.device)
-    summary = ", ".join(f"{k} accuracy {v['accuracy']:.4f}" for k, v in metrics.items())
-    log(f"done in {meta['wall_seconds']:.0f} s: {summary}; bundle in {out}")
-    return trained
+    upper = choose_image_size(int(backbone.data_config["input_size"][-1]),
+                              median_short_side(dataset.train, seed=cfg.seed), "probe", device)
+    # Every rank measures (the cores are shared as in the run); all follow rank 0's plan.
+    cfg, budget_deadline, search_end, probe_images = distributed.rank0_result(
+        lambda: plan_run(cfg, backbone, dataset, device=device, dtype=dtype, started=started,
+                         upper_size=upper, parallel=distributed.world_size()),
+        everywhere=True,
+    )
+    if probe_images is not None:  # the budget fits a probe on part of train only
+        _, kept = stratified_split(dataset.train.labels, probe_images / len(dataset.train), cfg.seed)
+        dataset = dataclasses.replace(dataset, train=dataset.train.subset(np.sort(kept)))
+        log(f"time budget: the probe uses {len(dataset.train)} training images, a stratified subset")
+    return _Setup(cfg, dataset, backbone, _preprocessing(backbone, dataset, cfg, device), dtype,
+                  min(deadline or float("inf"), budget_deadline), search_end,
+                  cfg.epochs if cfg.epochs is not None else MAX_EPOCHS)
 
 
 def _training_dtype(backbone: Backbone, num_classes: int, cfg: TrainConfig, device: torch.device) -> torch.dtype:
@@ -268,7 +280,8 @@ def _training_dtype(backbone: Backbone, num_classes: int, cfg: TrainConfig, devi
         trial = ImageClassifier(copy.deepcopy(backbone.model), nn.Linear(backbone.num_features, num_classes))
         trial.set_backbone_trainable(True, freeze_bn=cfg.freeze_bn)
         return training_dtype(trial, device=device, precision=cfg.precision,
-                              image_size=cfg.image_size or MIN_IMAGE_SIZE, batch_size=cfg.batch_size)
+                              image_size=cfg.image_size or MIN_IMAGE_SIZE, batch_size=cfg.batch_size,
+                              deterministic=cfg.deterministic)
 
     dtype: torch.dtype = distributed.rank0_result(measure, everywhere=True)
     return dtype
@@ -297,12 +310,7 @@ def _preprocessing(backbone: Backbone, dataset: Dataset, cfg: TrainConfig, devic
     size = cfg.image_size or choose_image_size(
         int(config["input_size"][-1]), median_short_side(dataset.train, seed=cfg.seed), cfg.recipe, device
     )
-    return Preprocessing(
-        image_size=size,
-        mean=tuple(float(v) for v in config["mean"]),  # type: ignore[arg-type]
-        std=tuple(float(v) for v in config["std"]),  # type: ignore[arg-type]
-        interpolation=str(config.get("interpolation", "bicubic")),
-    )
+    return Preprocessing.from_data_config(config, size)
 
 
 @dataclasses.dataclass
@@ -338,7 +346,7 @@ def _fit(
     # Under torchrun every process on a machine decodes the training images: they share the budget.
     launched = distributed.launch()
     budget = distributed.agree(memory_budget(cfg.memory_fraction / (launched.local_world_size if launched else 1)))
-    finetune = cfg.recipe in ("finetune", "seed")
+    finetune = cfg.recipe in ("finetune", "article")
     # The probe reads every image once, so streaming costs nothing extra; fine-tuning re-reads
     # train and val every epoch, so those are kept decoded in memory when they fit.
     stores = {
@@ -347,7 +355,7 @@ def _fit(
     }
     if dataset.test is not None:
         stores["test"] = _store(dataset.test, prep, cfg, 0, "test")
-    if cfg.recipe == "seed":
+    if cfg.recipe == "article":
         model = build_seed_model(backbone.model, backbone.num_features, len(dataset.classes))
         epochs = DEFAULT_SEED_EPOCHS if cfg.epochs is None else cfg.epochs
         if cfg.time_budget_minutes and deadline is not None:
@@ -419,15 +427,15 @@ def _fit_head(
     cache = cache_for(backbone_name=backbone.entry.timm_name, module=backbone.model, prep=prep,
                       dtype=compute_dtype(device, cfg.precision)) if cfg.feature_cache else None
 
-    def frozen_features(forward: LazyForward, store: ImageStore, *, batch_size: int, desc: str) -> Any:
+    def frozen_features(forward: LazyForward, store: Store, *, batch_size: int, desc: str) -> Any:
         return cached_features(forward, store, cache=cache, batch_size=batch_size, desc=desc, workers=cfg.workers,
                                shard=True)
 
-    head_store = stores["train"]
+    head_store: Store = stores["train"]
     if finetune and len(head_store) > cfg.head_fit_images:
         fraction = cfg.head_fit_images / len(head_store)
         _, subset = stratified_split(head_store.labels.numpy(), fraction, cfg.seed)
-        head_store = _SubsetStore(head_store, subset)
+        head_store = head_store.subset(subset)
     train_x, train_y, _ = frozen_features(forward, head_store, batch_size=cfg.batch_size, desc="features train")
     val_x, val_y, val_at = frozen_features(forward, stores["val"], batch_size=cfg.batch_size, desc="features val")
     weight = balanced_class_weights(train_y, len(dataset.classes)) if cfg.balance else None
@@ -467,7 +475,7 @@ def _fit_head(
 def _seed_closing_seconds(
     model: ImageClassifier, stores: dict[str, ImageStore], cfg: TrainConfig, device: torch.device
 ) -> float:
-    """Seconds the seed recipe needs after training under a budget: the last epoch's val pass and
+    """Seconds the article recipe needs after training under a budget: the last epoch's val pass and
     the final val and test scores (which the report reuses), at a speed timed on 2 batches.
 
     Measured need: VGG19 at 32 px scores ~170 img/s here, so 15,000 val + 10,000 test images take
@@ -508,23 +516,3 @@ def _predict_splits(
             predictions[split] = StorePredictions(logits=logits.numpy(), labels=labels.numpy(), positions=positions)
     return predictions
 
-
-class _SubsetStore(ImageStore):
-    """A view of some images of an in-memory or streamed store, without decoding them again."""
-
-    def __init__(self, parent: ImageStore, positions: np.ndarray) -> None:  # noqa: D107
-        self.parent = parent
-        self.positions = np.asarray(positions, dtype=np.int64)
-        self.prep = parent.prep
-        self.failed = parent.failed
-        self.in_memory = parent.in_memory
-        self.labels = parent.labels[torch.from_numpy(self.positions)]
-        self.images = parent.images.subset(self.positions)  # content keys for the feature cache
-        self._lookup = {int(p): i for i, p in enumerate(self.positions)}
-
-    def __len__(self) -> int:
-        return len(self.positions)
-
-    def batches(self, order: np.ndarray, batch_size: int):  # type: ignore[no-untyped-def]
-        for indices, batch in self.parent.batches(self.positions[order], batch_size):
-            yield np.asarray([self._lookup[int(p)] for p in indices], dtype=np.int64), batch

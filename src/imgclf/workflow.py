@@ -1,0 +1,92 @@
+"""`train`: a training run, scored, calibrated and saved as a bundle, then the report.
+
+The API layer: it ties together training (`training.run`), the bundle (`bundle`), evaluation
+(metrics, the temperature) and the report. The order is the point: everything the bundle holds,
+the temperature included, is decided before it is saved; the report then only reads it, and a
+failed report is logged as a failure without touching the bundle.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from imgclf import distributed
+from imgclf.bundle import Model
+from imgclf.config import TrainConfig
+from imgclf.evaluation.calibration import calibrate, softmax
+from imgclf.evaluation.metrics import classification_metrics
+from imgclf.progress import log, log_to_file
+from imgclf.report.build import report_after_training
+from imgclf.runtime import pick_device
+from imgclf.training.run import TrainingRun, resolve_run_config, run_training
+
+
+def train(config: TrainConfig | None = None, **overrides: Any) -> Model:
+    """Train a classifier and write its bundle to `config.out`.
+
+    Args:
+        config: a full configuration; or pass its fields as keyword arguments.
+        **overrides: fields of `TrainConfig` that replace those of `config`.
+
+    Returns:
+        The trained `Model`, already saved.
+
+    Example:
+        >>> model = imgclf.train(data="photos/", out="runs/photos", recipe="probe")  # doctest: +SKIP
+        >>> model.meta["metrics"]["val"]["accuracy"]  # doctest: +SKIP
+        0.93
+    """
+    cfg = resolve_run_config(config, **overrides)
+    out = Path(cfg.out)
+    # Under torchrun (imgclf.distributed) every rank trains; only rank 0 writes, and logs.
+    with distributed.session(pick_device(cfg.device)):
+        if not distributed.is_main():
+            return _train(cfg, out)
+        out.mkdir(parents=True, exist_ok=True)
+        with log_to_file(out / "train.log"):
+            return _train(cfg, out)
+
+
+def _train(cfg: TrainConfig, out: Path) -> Model:
+    run = run_training(cfg, out)
+    trained = Model(run.model, run.classes, run.prep, bundle_meta(run))
+    if not distributed.is_main():  # the other ranks' work ends here: rank 0 writes everything
+        return trained
+    trained.save(out)
+    run.checkpointer.finish(keep=cfg.keep_checkpoints)
+    _write_run_files(run, out)
+    report_after_training(trained, run.dataset, out, stores=run.stores, predictions=run.predictions,
+                          batch_size=cfg.batch_size, device=cfg.device)
+    summary = ", ".join(f"{k} accuracy {v['accuracy']:.4f}" for k, v in trained.meta["metrics"].items())
+    log(f"done in {time.perf_counter() - run.started:.0f} s: {summary}; bundle in {out}")
+    return trained
+
+
+def bundle_meta(run: TrainingRun) -> dict[str, Any]:
+    """The run's description plus its scores on val and test and the temperature fitted on val."""
+    metrics = {split: classification_metrics(softmax(scored.logits), scored.labels, run.classes)
+               for split, scored in run.predictions.items()}
+    val = run.predictions.get("val")
+    no_val = (np.zeros((0, len(run.classes)), np.float32), np.zeros(0, np.int64))  # T = 1
+    calibration = calibrate(*((val.logits, val.labels) if val is not None else no_val))
+    log(f"temperature {calibration['temperature']:.3f} fitted on {calibration['images']} val images"
+        + ("" if calibration["usable"] else f" (fit at a bound, {calibration['fitted_temperature']:.3g}: kept 1)"))
+    return {**run.meta, "metrics": metrics, "temperature": calibration["temperature"], "calibration": calibration,
+            "wall_seconds": round(time.perf_counter() - run.started, 1)}
+
+
+def _write_run_files(run: TrainingRun, out: Path) -> None:
+    """history.json and, when files were skipped, skipped_files.txt beside the bundle."""
+    (out / "history.json").write_text(json.dumps(run.meta["history"], indent=2), encoding="utf-8")
+    skipped = run.meta["skipped_files"]
+    if skipped:
+        (out / "skipped_files.txt").write_text(
+            # surrogateescape: a file name that is not valid UTF-8 is written back as its own bytes
+            "".join(f"{s['path']}\t{s['reason']}\n" for s in skipped), encoding="utf-8", errors="surrogateescape"
+        )
+        log(f"warning: skipped {len(skipped)} unreadable file(s); list in {out / 'skipped_files.txt'}")
