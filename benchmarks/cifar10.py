@@ -95,10 +95,11 @@ def main() -> None:
             wall = run(cmd)
             meta = json.loads((bundle / "imgclf.json").read_text())
             accuracy = meta["metrics"]["test"]["accuracy"]
-            epochs = str(len(meta["history"])) if meta["history"] else "-"
+            trained = [h for h in meta["history"] if h["epoch"] > 0]  # epoch 0: the probe's head
+            epochs = str(len(trained)) if trained else "-"
             images = 60000
         meta = json.loads((bundle / "imgclf.json").read_text())
-        history = meta["history"]
+        history = [h for h in meta["history"] if h["epoch"] > 0]
         speed = (sum(h["train_images_per_s"] for h in history) / len(history)) if history else images / wall
         # Fine-tuning may test above its training size (training/eval_size.py): show both.
         train_size, test_size = meta["config"]["image_size"] or meta["preprocessing"]["image_size"], \

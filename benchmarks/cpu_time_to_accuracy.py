@@ -58,7 +58,7 @@ def run_imgclf(data: Path, budget: float, out: Path, extra: list[str]) -> dict[s
     meta = json.loads((out / "imgclf.json").read_text())
     cfg = meta["config"]
     return {"tool": "imgclf", "budget_min": budget, "wall_min": wall / 60, "recipe": cfg["recipe"],
-            "size": cfg["image_size"], "epochs": len(meta["history"]) or "-",
+            "size": cfg["image_size"], "epochs": sum(h["epoch"] > 0 for h in meta["history"]) or "-",  # 0: the probe
             "accuracy": meta["metrics"]["test"]["accuracy"]}
 
 

@@ -107,7 +107,7 @@ def run_row(name: str, row: Row, data: Path, inputs: Path, work: Path) -> dict[s
         feature_cache=False, compile=os.environ.get("GPU_COMPILE", "0") == "1",
     )
     wall = time.perf_counter() - start
-    history = model.meta["history"]
+    history = [h for h in model.meta["history"] if h["epoch"] > 0]  # epoch 0: the probe's head
     full = [h for h in history if not h.get("stopped_mid_epoch")] or history
     return {
         "row": name,

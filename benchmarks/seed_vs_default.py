@@ -80,7 +80,7 @@ def run(name: str, data: Path, out: Path, minutes: float, **options: Any) -> dic
     model = imgclf.train(data=str(data), out=str(out / name), time_budget_minutes=minutes, **options)
     wall = time.perf_counter() - started
     meta = model.meta
-    history = meta["history"]
+    history = [h for h in meta["history"] if h["epoch"] > 0]  # epoch 0: the probe's head (finetune)
     epoch_seconds = [h.get("epoch_seconds", h["train_seconds"]) for h in history]
     return {
         "recipe": name,

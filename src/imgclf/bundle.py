@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,75 @@ BUNDLE_JSON = "imgclf.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT = "imgclf-bundle"
 FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    """The bundle's backbone: enough to rebuild its architecture without the weights' source."""
+
+    name: str  # as the user named it (a curated name or a timm name)
+    timm_name: str  # the timm architecture (or, for kind "conv_base", the VGG it was cut from)
+    weights_source: str = ""  # where the pretrained weights came from, for the record
+    num_features: int = 0
+    kind: str = "timm"  # "timm": a headless timm model; "conv_base": the article recipe's VGG conv layers
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> BackboneInfo:
+        return cls(name=str(values.get("name", values["timm_name"])), timm_name=str(values["timm_name"]),
+                   weights_source=str(values.get("weights_source", "")),
+                   num_features=int(values.get("num_features", 0)), kind=str(values.get("kind", "timm")))
+
+
+@dataclass
+class BundleInfo:
+    """What a bundle's `imgclf.json` says, typed: read with `BundleInfo.from_dict(model.meta)` or `model.info`.
+
+    The JSON stays the format on disk (`Model.meta` is it, as written); this is how the code reads
+    it. Fields a newer or older writer added that are not listed here stay in `extra`.
+
+    Example:
+        >>> info = BundleInfo.from_dict({"classes": ["a", "b"], "backbone": {"timm_name": "resnet18"},
+        ...                              "head": {"kind": "linear", "in_features": 512, "num_classes": 2},
+        ...                              "preprocessing": {"image_size": 224, "mean": [0.5] * 3, "std": [0.5] * 3}})
+        >>> info.backbone.name, info.temperature, info.recipe
+        ('resnet18', 1.0, 'finetune')
+    """
+
+    classes: list[str]
+    backbone: BackboneInfo
+    head: dict[str, Any]  # the head's description for `models.classifier.build_head`
+    preprocessing: Preprocessing
+    recipe: str = "finetune"
+    temperature: float = 1.0  # predict divides the logits by it (fitted on val by training)
+    calibration: dict[str, Any] | None = None  # how the temperature was fitted; None in bundles before 2026-11-30
+    metrics: dict[str, dict[str, Any]] = field(default_factory=dict)  # split -> metrics
+    config: dict[str, Any] = field(default_factory=dict)  # the resolved TrainConfig
+    data: dict[str, Any] = field(default_factory=dict)  # the data's summary (source, counts)
+    probe: dict[str, Any] | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)  # epoch 0 = the probe's head
+    selection: dict[str, Any] | None = None  # which candidate the bundle holds, and every val score
+    skipped_files: list[dict[str, str]] = field(default_factory=list)
+    hardware: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    created: str | None = None
+    wall_seconds: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, meta: dict[str, Any]) -> BundleInfo:
+        """Raises KeyError for a missing required field (classes, backbone, head, preprocessing)."""
+        names = {f for f in cls.__dataclass_fields__ if f not in ("backbone", "preprocessing", "extra")}
+        known = {k: v for k, v in meta.items() if k in names}
+        extra = {k: v for k, v in meta.items()
+                 if k not in names and k not in ("backbone", "preprocessing", "format", "format_version")}
+        return cls(**{**known, "backbone": BackboneInfo.from_dict(meta["backbone"]),
+                      "preprocessing": Preprocessing.from_dict(meta["preprocessing"]),
+                      "temperature": float(meta.get("temperature", 1.0)), "extra": extra})
+
+    @property
+    def data_source(self) -> str:
+        """Where the training data was (the config's DATA), or "" when the bundle does not say."""
+        return str(self.config.get("data") or self.data.get("source") or "")
 
 
 @dataclass
@@ -76,6 +145,12 @@ class Model:
         self._forward_key: tuple[str, str] | None = None
 
     @property
+    def info(self) -> BundleInfo:
+        """`meta` read as a `BundleInfo` (the classes and preprocessing are the model's own)."""
+        return BundleInfo.from_dict({**self.meta, "classes": self.classes,
+                                     "preprocessing": self.preprocessing.to_dict()})
+
+    @property
     def temperature(self) -> float:
         return float(self.meta.get("temperature", 1.0))
 
@@ -116,20 +191,20 @@ class Model:
         if not weights.is_file():
             raise BundleError(f"{str(folder)!r} has no {WEIGHTS_FILE}", fix="re-run imgclf train --out")
         try:
-            if meta["backbone"].get("kind") == "conv_base":  # the article recipe's flattened VGG conv layers
-                from imgclf.models.article import create_conv_base
-
-                backbone = create_conv_base(
-                    meta["backbone"]["timm_name"], image_size=meta["preprocessing"]["image_size"], pretrained=False
-                )
-            else:
-                backbone = create_backbone(meta["backbone"]["timm_name"], pretrained=False)
-            head = build_head(meta["head"])
+            info = BundleInfo.from_dict(meta)
+            head = build_head(info.head)
         except KeyError as exc:
             raise BundleError(f"{BUNDLE_JSON} in {str(folder)!r} lacks the field {exc}") from None
+        if info.backbone.kind == "conv_base":  # the article recipe's flattened VGG conv layers
+            from imgclf.models.article import create_conv_base
+
+            backbone = create_conv_base(info.backbone.timm_name, image_size=info.preprocessing.image_size,
+                                        pretrained=False)
+        else:
+            backbone = create_backbone(info.backbone.timm_name, pretrained=False)
         module = ImageClassifier(backbone.model, head)
         load_weights(module, weights)
-        return cls(module, meta["classes"], Preprocessing.from_dict(meta["preprocessing"]), meta)
+        return cls(module, info.classes, info.preprocessing, meta)
 
     # -- inference -------------------------------------------------------------------------
 

@@ -93,7 +93,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     model = train(cfg)
     if not is_main():  # under torchrun, rank 0 prints the results once
         return 0
-    for split, values in model.meta["metrics"].items():
+    for split, values in model.info.metrics.items():
         # Skewed classes: lead with the metrics that the majority class cannot inflate.
         lead = (f"balanced accuracy {values['balanced_accuracy']:.4f}, macro-F1 {values['macro_f1']:.4f} "
                 "(skewed classes); " if _imbalanced(values) else "")

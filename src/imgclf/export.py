@@ -205,7 +205,7 @@ def parity_batch(
     if images:
         files = collect_images(list(images))
     else:
-        data = str(model.meta.get("data", {}).get("source", ""))
+        data = model.info.data_source
         if data and Path(data).is_dir():
             try:
                 files, source = collect_images([data]), "training data"

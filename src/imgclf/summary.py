@@ -188,9 +188,8 @@ def summarize_bundle(folder: str | Path, *, expand: bool = False) -> ModelSummar
     from imgclf.config import RECIPE_ALIASES
 
     model = Model.load(folder)
-    meta = model.meta
-    name = str(meta.get("backbone", {}).get("name", "backbone"))
-    recipe = str(meta.get("recipe", "?"))
+    info = model.info
+    name, recipe = info.backbone.name, info.recipe
     recipe = RECIPE_ALIASES.get(recipe, recipe)  # bundles written before a rename keep the old name
     return summarize(
         model.module, image_size=model.preprocessing.image_size, backbone_name=name,

@@ -558,17 +558,7 @@ def preflight(
     bad = report.unusable
     skipped = [{"path": r.entry.path, "reason": str(r.reason)} for r in bad]
     if report.bad_fraction > max_bad_fraction:
-        shown = "\n    ".join(f"{s['path']}: {s['reason']}" for s in skipped[:10])
-        more = f"\n    ... and {len(skipped) - 10} more" if len(skipped) > 10 else ""
-        kinds = Counter(_reason_kind(s["reason"]) for s in skipped)
-        reasons = ", ".join(f"{n} {why}" for why, n in kinds.most_common())
-        raise DataError(
-            f"{len(bad)} of {len(entries)} image files ({report.bad_fraction:.1%}) cannot be read "
-            f"({reasons}):\n    {shown}{more}",
-            expected=f"at most {max_bad_fraction:.1%} unreadable files (max_bad_fraction)",
-            fix="run `imgclf check DATA` for the full list and repair or remove those files, "
-                "or raise --max-bad-fraction to train on the rest",
-        )
+        raise _too_many_unreadable(skipped, len(entries), report.bad_fraction, max_bad_fraction)
     dataset = _with_digests(dataset, report.results)
     leaks = report.to_dict()["leakage"]
     if leaks["exact_groups"] or leaks["near_groups"]:
@@ -578,18 +568,7 @@ def preflight(
         return dataset, skipped
     log(f"warning: skipping {len(bad)} of {len(entries)} files that cannot be read ({report.bad_fraction:.1%}); "
         "they are listed in the bundle's skipped_files.txt")
-    bad_paths = {s["path"] for s in skipped}
-
-    def keep(images: ImageSet) -> ImageSet:
-        return images.subset([i for i, p in enumerate(images.paths) if p not in bad_paths])
-
-    cleaned = dataclasses.replace(
-        dataset,
-        train=keep(dataset.train),
-        val=keep(dataset.val),
-        test=keep(dataset.test) if dataset.test is not None else None,
-    )
-    cleaned = _with_digests(cleaned, report.results)
+    cleaned = _with_digests(_without(dataset, {s["path"] for s in skipped}), report.results)
     for split in ("train", "val"):
         if not len(getattr(cleaned, split)):
             raise DataError(f"no readable images are left in the {split} split after skipping unreadable files",
@@ -601,6 +580,28 @@ def preflight(
     if empty:
         log(f"warning: no readable training images left for class(es) {', '.join(empty)}")
     return cleaned, skipped
+
+
+def _too_many_unreadable(skipped: list[dict[str, str]], total: int, fraction: float, limit: float) -> DataError:
+    shown = "\n    ".join(f"{s['path']}: {s['reason']}" for s in skipped[:10])
+    more = f"\n    ... and {len(skipped) - 10} more" if len(skipped) > 10 else ""
+    kinds = Counter(_reason_kind(s["reason"]) for s in skipped)
+    reasons = ", ".join(f"{n} {why}" for why, n in kinds.most_common())
+    return DataError(
+        f"{len(skipped)} of {total} image files ({fraction:.1%}) cannot be read ({reasons}):\n    {shown}{more}",
+        expected=f"at most {limit:.1%} unreadable files (max_bad_fraction)",
+        fix="run `imgclf check DATA` for the full list and repair or remove those files, "
+            "or raise --max-bad-fraction to train on the rest",
+    )
+
+
+def _without(dataset: Dataset, bad_paths: set[str]) -> Dataset:
+    """`dataset` without the files in `bad_paths`, in every split."""
+    def keep(images: ImageSet) -> ImageSet:
+        return images.subset([i for i, p in enumerate(images.paths) if p not in bad_paths])
+
+    return dataclasses.replace(dataset, train=keep(dataset.train), val=keep(dataset.val),
+                               test=keep(dataset.test) if dataset.test is not None else None)
 
 
 def _with_digests(dataset: Dataset, results: Sequence[FileResult]) -> Dataset:

@@ -74,8 +74,9 @@ def write_report(
         PosixPath('runs/pets/report/report.html')
     """
     model = Model.load(model_dir)
-    config = model.meta.get("config", {})
-    data = data or config.get("data")
+    info = model.info
+    config = info.config
+    data = data or info.data_source
     if not data:
         raise ConfigError(
             f"the bundle {str(model_dir)!r} does not record its training data",
@@ -105,7 +106,7 @@ def report_after_training(
     """
     try:
         path = build_report(
-            model, dataset, bundle_dir=bundle_dir, data=str(model.meta.get("config", {}).get("data", "")),
+            model, dataset, bundle_dir=bundle_dir, data=model.info.data_source,
             stores=stores, predictions=predictions, batch_size=batch_size, device=device,
         )
     except Exception as exc:  # the report only reads the bundle: a bug in it must not fail the saved run
@@ -158,8 +159,9 @@ def build_report(
             model.module.cpu()  # Model's own forward path expects the module on the CPU
     # Training fitted the temperature on val and stored it in the bundle; the report only reads it.
     # A bundle from before that (no "calibration" record) is shown what fitting would give, unstored.
-    calibration = model.meta.get("calibration") or {**calibrate(val.logits, val.labels), "stored": False}
-    temperature = model.temperature if "calibration" in model.meta else float(calibration["temperature"])
+    info = model.info
+    calibration = info.calibration or {**calibrate(val.logits, val.labels), "stored": False}
+    temperature = info.temperature if info.calibration else float(calibration["temperature"])
     fitted, usable = float(calibration["fitted_temperature"]), bool(calibration["usable"])
 
     report = analyse(model, scored, temperature=temperature, split=split, data=data, bundle_dir=bundle_dir,
@@ -169,7 +171,7 @@ def build_report(
     report["tta"] = tta_summary(scored, model.classes, temperature) if tta else None
     # Files the pre-flight scan dropped before training are in the bundle; add any the report's own
     # decoding could not read.
-    skipped = list(model.meta.get("skipped_files") or [])
+    skipped = list(info.skipped_files)
     known = {item["path"] for item in skipped}
     skipped += [{"path": p, "reason": r} for s in stores.values() for p, r in s.failed if p not in known]
     report["skipped_files"] = skipped

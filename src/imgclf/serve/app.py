@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
@@ -114,6 +114,9 @@ class Predictor:
 def create_app(model: Model, *, settings: ServeSettings | None = None) -> FastAPI:
     """The FastAPI app serving `model`: the API, the OpenAPI docs at /docs and the page at /.
 
+    The routes (`router`, below) read the model, its predictor, the gate and the settings from
+    `app.state`, so one module-level router serves any app.
+
     Example:
         >>> app = create_app(imgclf.load("runs/pets"), settings=ServeSettings(runtime="onnx"))  # doctest: +SKIP
         >>> uvicorn.run(app, host="127.0.0.1", port=8000)  # doctest: +SKIP
@@ -134,105 +137,125 @@ def create_app(model: Model, *, settings: ServeSettings | None = None) -> FastAP
         finally:
             predictor.executor.shutdown(wait=False, cancel_futures=True)
 
-    backbone = model.meta.get("backbone", {}).get("name", "model")
+    info = model.info
     app = FastAPI(
         title="imgclf",
-        summary=f"Image classifier: {backbone}, {len(model.classes)} classes",
-        version=str(model.meta.get("versions", {}).get("imgclf", "")),
+        summary=f"Image classifier: {info.backbone.name}, {len(model.classes)} classes",
+        version=info.versions.get("imgclf", ""),
         lifespan=lifespan,
     )
+    app.state.model = model
     app.state.predictor = predictor
     app.state.gate = gate
     app.state.settings = settings
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     # Added last, so outermost: overload is refused before anything else is looked at.
     app.add_middleware(ConcurrencyLimit, gate=gate, paths={"/predict"}, retry_after_s=settings.retry_after_s)
-    retry = {"Retry-After": str(settings.retry_after_s)}
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        body: dict[str, Any] = {"error": str(exc.detail), "status": exc.status_code}
-        for field in ("expected", "fix"):
-            if getattr(exc, field, None):
-                body[field] = getattr(exc, field)
-        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"error": "invalid request", "status": 422, "detail": exc.errors()}, status_code=422)
-
-    @app.get("/health", summary="Liveness: the process answers")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "in_flight": gate.in_flight}
-
-    @app.get("/ready", summary="Readiness: true only after the warm-up prediction")
-    async def ready() -> JSONResponse:
-        if predictor.ready:
-            return JSONResponse({"ready": True, "runtime": predictor.runtime})
-        return JSONResponse({"ready": False}, status_code=503, headers=retry)
-
-    @app.get("/labels", summary="The class names, in output order")
-    async def labels() -> dict[str, list[str]]:
-        return {"labels": model.classes}
-
-    @app.get("/metadata", summary="Backbone, preprocessing, metrics and limits")
-    async def metadata() -> dict[str, Any]:
-        return {
-            "backbone": model.meta.get("backbone", {}).get("name"),
-            "recipe": model.meta.get("recipe"),
-            "num_classes": len(model.classes),
-            "preprocessing": model.preprocessing.to_dict(),
-            "temperature": model.temperature,
-            "metrics": {split: {k: v for k, v in values.items() if isinstance(v, (int, float))}
-                        for split, values in model.meta.get("metrics", {}).items()},
-            "created": model.meta.get("created"),
-            "versions": model.meta.get("versions", {}),
-            "runtime": predictor.runtime,
-            "limits": asdict(settings),
-            "micro_batching": {"forward_passes": predictor.batcher.batches_run,
-                               "requests": predictor.batcher.requests_run},
-        }
-
-    @app.post(
-        "/predict",
-        summary="Top-k labels for one or more images",
-        description="Send images as multipart/form-data (any field name, one or more files) or one "
-        "image as the raw body (Content-Type image/* or application/octet-stream). `model_ms` is the time "
-        "from decoded images to probabilities, including any wait for the model; `total_ms` adds reading "
-        "and decoding the body.",
-        openapi_extra={"requestBody": {"required": True, "content": {
-            "multipart/form-data": {"schema": {"type": "object", "properties": {
-                "file": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
-            "image/*": {"schema": {"type": "string", "format": "binary"}},
-        }}},
-    )
-    async def predict(request: Request) -> dict[str, Any]:
-        if not predictor.ready:
-            raise ApiError(503, "the model is still warming up", headers=retry)
-        started = time.perf_counter()
-        items = await _read_images(request, settings)
-        batch = await run_in_threadpool(predictor.decode, items)
-        model_started = time.perf_counter()
-        probs = await predictor.batcher.submit(batch)
-        done = time.perf_counter()
-        predictions = []
-        for (name, _), row in zip(items, probs, strict=True):
-            top = predictor.top(row)
-            predictions.append({"source": name, "label": top[0]["label"], "probability": top[0]["probability"],
-                                "top_k": top})
-        return {
-            "predictions": predictions,
-            "runtime": predictor.runtime,
-            "model_ms": round((done - model_started) * 1000, 2),
-            "total_ms": round((done - started) * 1000, 2),
-        }
-
-    @app.get("/", include_in_schema=False)
-    async def page() -> FileResponse:
-        return FileResponse(STATIC / "index.html", headers=PAGE_HEADERS)
-
+    app.add_exception_handler(HTTPException, _http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
+
+
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    body: dict[str, Any] = {"error": str(exc.detail), "status": exc.status_code}
+    for field in ("expected", "fix"):
+        if getattr(exc, field, None):
+            body[field] = getattr(exc, field)
+    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return JSONResponse({"error": "invalid request", "status": 422, "detail": exc.errors()}, status_code=422)
+
+
+def _retry(request: Request) -> dict[str, str]:
+    return {"Retry-After": str(request.app.state.settings.retry_after_s)}
+
+
+router = APIRouter()
+
+
+@router.get("/health", summary="Liveness: the process answers")
+async def health(request: Request) -> dict[str, Any]:
+    return {"status": "ok", "in_flight": request.app.state.gate.in_flight}
+
+
+@router.get("/ready", summary="Readiness: true only after the warm-up prediction")
+async def ready(request: Request) -> JSONResponse:
+    predictor: Predictor = request.app.state.predictor
+    if predictor.ready:
+        return JSONResponse({"ready": True, "runtime": predictor.runtime})
+    return JSONResponse({"ready": False}, status_code=503, headers=_retry(request))
+
+
+@router.get("/labels", summary="The class names, in output order")
+async def labels(request: Request) -> dict[str, list[str]]:
+    return {"labels": request.app.state.model.classes}
+
+
+@router.get("/metadata", summary="Backbone, preprocessing, metrics and limits")
+async def metadata(request: Request) -> dict[str, Any]:
+    model: Model = request.app.state.model
+    predictor: Predictor = request.app.state.predictor
+    info = model.info
+    return {
+        "backbone": info.backbone.name,
+        "recipe": info.recipe,
+        "num_classes": len(model.classes),
+        "preprocessing": model.preprocessing.to_dict(),
+        "temperature": model.temperature,
+        "metrics": {split: {k: v for k, v in values.items() if isinstance(v, (int, float))}
+                    for split, values in info.metrics.items()},
+        "created": info.created,
+        "versions": info.versions,
+        "runtime": predictor.runtime,
+        "limits": asdict(request.app.state.settings),
+        "micro_batching": {"forward_passes": predictor.batcher.batches_run,
+                           "requests": predictor.batcher.requests_run},
+    }
+
+
+@router.post(
+    "/predict",
+    summary="Top-k labels for one or more images",
+    description="Send images as multipart/form-data (any field name, one or more files) or one "
+    "image as the raw body (Content-Type image/* or application/octet-stream). `model_ms` is the time "
+    "from decoded images to probabilities, including any wait for the model; `total_ms` adds reading "
+    "and decoding the body.",
+    openapi_extra={"requestBody": {"required": True, "content": {
+        "multipart/form-data": {"schema": {"type": "object", "properties": {
+            "file": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
+        "image/*": {"schema": {"type": "string", "format": "binary"}},
+    }}},
+)
+async def predict(request: Request) -> dict[str, Any]:
+    predictor: Predictor = request.app.state.predictor
+    if not predictor.ready:
+        raise ApiError(503, "the model is still warming up", headers=_retry(request))
+    started = time.perf_counter()
+    items = await _read_images(request, request.app.state.settings)
+    batch = await run_in_threadpool(predictor.decode, items)
+    model_started = time.perf_counter()
+    probs = await predictor.batcher.submit(batch)
+    done = time.perf_counter()
+    predictions = []
+    for (name, _), row in zip(items, probs, strict=True):
+        top = predictor.top(row)
+        predictions.append({"source": name, "label": top[0]["label"], "probability": top[0]["probability"],
+                            "top_k": top})
+    return {
+        "predictions": predictions,
+        "runtime": predictor.runtime,
+        "model_ms": round((done - model_started) * 1000, 2),
+        "total_ms": round((done - started) * 1000, 2),
+    }
+
+
+@router.get("/", include_in_schema=False)
+async def page() -> FileResponse:
+    return FileResponse(STATIC / "index.html", headers=PAGE_HEADERS)
 
 
 def _report_warm_up_failure(future: asyncio.Future[None]) -> None:
