@@ -34,6 +34,7 @@ from torch import nn
 
 from imgclf.config import TrainConfig
 from imgclf.data.pipeline import Preprocessing, Store
+from imgclf.memory import training_heap
 from imgclf.models.article import KIND as CONV_BASE_KIND
 from imgclf.models.article import create_conv_base
 from imgclf.models.backbones import Backbone
@@ -247,13 +248,14 @@ def fit_seed(
     for epoch in range(1, epochs + 1):
         started = time.perf_counter()
         record: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
-        record.update(
-            train_one_epoch(
-                model, train_store, optimizer, per_step, criterion,
-                augment=augment, epoch=epoch, cfg=cfg, device=device, dtype=dtype,  # type: ignore[arg-type]
-                stop_at=deadline if hard_deadline else None,
+        with training_heap():  # as FitLoop trains (memory.TRAINING_MMAP_THRESHOLD)
+            record.update(
+                train_one_epoch(
+                    model, train_store, optimizer, per_step, criterion,
+                    augment=augment, epoch=epoch, cfg=cfg, device=device, dtype=dtype,  # type: ignore[arg-type]
+                    stop_at=deadline if hard_deadline else None,
+                )
             )
-        )
         val_loss, val_acc, _, _ = evaluate_store(
             model, val_store, batch_size=cfg.batch_size, device=device, precision=cfg.precision
         )

@@ -16,8 +16,8 @@ the report included. Two parts:
      feature cache yet (`Workload.cached`), the logistic-regression fit (`FIT_SECONDS_PER_UNIT`
      per train image x feature x class), saving and the report;
    - fine-tuning is possible at a size when half an epoch fits (`MIN_FIT_EPOCHS`); the epochs
-     that fit are rounded to the nearest whole number, at least 1: when rounded up, the guard
-     below ends the last epoch at the deadline;
+     that fit are rounded up once a quarter of the last one fits (`finetune.whole_epochs`), at
+     least 1: the guard below ends that last epoch at the deadline;
    - take the **largest size that still gets at least 3 epochs** (`MIN_GOOD_EPOCHS`), with as
      many epochs as fit, at most `max_epochs` (early stopping usually ends sooner);
    - else the smallest size with as many epochs (1 or 2) as fit;
@@ -47,7 +47,9 @@ import torch
 from torch import nn
 
 from imgclf.errors import ConfigError
+from imgclf.memory import training_heap
 from imgclf.training import eval_size
+from imgclf.training.finetune import whole_epochs
 
 if TYPE_CHECKING:
     from imgclf.config import Recipe, TrainConfig
@@ -193,9 +195,9 @@ def plan_budget(
             fixed = finetune_seconds(size, 0, work, rates)
             fit_epochs = (usable - fixed) / epoch_seconds(size, work, rates)
             if fit_epochs >= MIN_FIT_EPOCHS:
-                # The nearest whole number: rounding up costs nothing past the budget, because the
-                # guard ends the last epoch at the deadline with the learning rate annealed by time.
-                fitting[size] = (fit_epochs, min(max_epochs, max(1, math.floor(fit_epochs + 0.5))))
+                # Rounded up from a quarter epoch (`whole_epochs`): it costs nothing past the budget,
+                # because the guard ends the last epoch at the deadline with the lr annealed by time.
+                fitting[size] = (fit_epochs, min(max_epochs, whole_epochs(fit_epochs)))
                 options[f"finetune@{size}x{fitting[size][1]}"] = finetune_seconds(size, fitting[size][1], work, rates)
     for size in sizes:
         options[f"probe@{size}"] = probe_seconds(size, work, rates)
@@ -306,18 +308,19 @@ def measure_rates(
         images = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8)
         labels = torch.randint(0, 10, (batch_size,))
         seconds = 0.0
-        for step in range(WARMUP_STEPS + MEASURE_STEPS):
-            start = clock()
-            x = (augment(images, generator) / 255.0).to(device).contiguous(memory_format=torch.channels_last)
-            with autocast(device, dtype):
-                loss = nn.functional.cross_entropy(model(x).float(), labels.to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)  # CUDA runs asynchronously: wait, or only launches are timed
-            if step >= WARMUP_STEPS:
-                seconds += clock() - start
+        with training_heap():  # as FitLoop trains (memory.TRAINING_MMAP_THRESHOLD)
+            for step in range(WARMUP_STEPS + MEASURE_STEPS):
+                start = clock()
+                x = (augment(images, generator) / 255.0).to(device).contiguous(memory_format=torch.channels_last)
+                with autocast(device, dtype):
+                    loss = nn.functional.cross_entropy(model(x).float(), labels.to(device))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)  # CUDA runs asynchronously: wait, or only launches are timed
+                if step >= WARMUP_STEPS:
+                    seconds += clock() - start
         train[size] = MEASURE_STEPS * batch_size / max(seconds, 1e-9)
         start = clock()
         forward = FrozenForward(copy.deepcopy(backbone), image_size=size, device=device, precision=precision)

@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from imgclf.memory import training_heap
 from imgclf.progress import log
 from imgclf.runtime import autocast, compute_dtype
 
@@ -69,18 +70,21 @@ def step_seconds(
     clock: Callable[[], float] = time.perf_counter,
 ) -> float:
     """Median seconds of `TIMED_STEPS` training steps (forward, backward, AdamW at lr 0) of `model`."""
-    trial = model.to(device)  # the caller's copy: its weights are not changed (lr 0)
+    # The caller's copy, laid out as FitLoop lays out the network; its weights are not changed (lr 0).
+    trial = model.to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]
     optimizer = torch.optim.AdamW([p for p in trial.parameters() if p.requires_grad], lr=0.0)
-    x = torch.randn(batch_size, 3, image_size, image_size, device=device).contiguous(
+    noise = torch.Generator().manual_seed(0)  # not the global generator: the run's random draws stay the same
+    x = torch.randn(batch_size, 3, image_size, image_size, generator=noise).to(device).contiguous(
         memory_format=torch.channels_last)
     times = []
-    for step in range(1 + TIMED_STEPS):
-        start = clock()
-        with autocast(device, dtype):
-            loss = trial(x).float().logsumexp(1).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if step:  # the first step warms up (allocator, kernel selection)
-            times.append(clock() - start)
+    with training_heap():  # as FitLoop trains (memory.TRAINING_MMAP_THRESHOLD)
+        for step in range(1 + TIMED_STEPS):
+            start = clock()
+            with autocast(device, dtype):
+                loss = trial(x).float().logsumexp(1).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if step:  # the first step warms up (allocator, kernel selection)
+                times.append(clock() - start)
     return sorted(times)[len(times) // 2]

@@ -205,7 +205,9 @@ def run_training(cfg: TrainConfig, out: Path) -> TrainingRun:
         "data": dataset.summary(),
         "probe": fitted.probe_info,
         "history": fitted.history,
-        **({"selection": selection_summary(fitted.history)} if fitted.history else {}),
+        # LP-FT's choice among the probe's head (epoch 0) and the epochs; the article recipe keeps its last epoch.
+        **({"selection": selection_summary(fitted.history)} if fitted.history and fitted.history[0]["epoch"] == 0
+           else {}),
         **({"test_time_size": fitted.eval_size} if fitted.eval_size else {}),
         "skipped_files": skipped,
         "hardware": {"device": str(device), "dtype": str(setup.dtype),
@@ -283,7 +285,8 @@ def _training_dtype(backbone: Backbone, num_classes: int, cfg: TrainConfig, devi
                               image_size=cfg.image_size or MIN_IMAGE_SIZE, batch_size=cfg.batch_size,
                               deterministic=cfg.deterministic)
 
-    dtype: torch.dtype = distributed.rank0_result(measure, everywhere=True)
+    with torch.random.fork_rng(devices=[]):  # the trial head's initialisation draws nothing from the run's RNG
+        dtype: torch.dtype = distributed.rank0_result(measure, everywhere=True)
     return dtype
 
 
