@@ -69,7 +69,8 @@ def test_bigger_budgets_buy_larger_inputs_then_more_epochs() -> None:
 def test_epochs_that_fit_are_rounded_and_the_guard_cuts_the_last_one() -> None:
     fixed = finetune_seconds(96, 0, CIFAR_LIKE, RATES)
     epoch = epoch_seconds(96, CIFAR_LIKE, RATES)
-    for fit, planned in ((1.4, 1), (1.6, 2), (0.6, 1), (2.5, 3)):
+    # One more epoch once a quarter of it fits (finetune.whole_epochs): the guard cuts it at the deadline.
+    for fit, planned in ((1.2, 1), (1.3, 2), (1.6, 2), (0.6, 1), (2.5, 3)):
         minutes = (fixed + fit * epoch) / PLAN_FRACTION / 60
         plan = _plan(minutes, sizes=(96,))
         assert (plan.recipe, plan.epochs) == ("finetune", planned), fit

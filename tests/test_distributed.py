@@ -260,10 +260,13 @@ def kill_launch(proc: subprocess.Popen[bytes]) -> None:
     proc.communicate(timeout=60)
 
 
-def test_resume_after_killing_every_process(workspace: Path, two_process_finetune: tuple[Path, str]) -> None:
+def test_resume_after_killing_every_process(
+    workspace: Path, two_process_finetune: tuple[Path, str], precision: str
+) -> None:
     data = workspace / "data"
-    out = workspace / "killed"
-    args = [str(data), "--out", str(out), *common_args(data, "finetune"), "--checkpoint-minutes", "0"]
+    out = workspace / f"killed-{precision}"
+    args = [str(data), "--out", str(out), *common_args(data, "finetune"), "--precision", precision,
+            "--checkpoint-minutes", "0"]
     # A pause inside every checkpoint write keeps fine-tuning slow enough to be killed in the middle.
     features = workspace / "features"  # the uninterrupted run's head, to compare the final weights
     proc = torchrun(args, environment(workspace, out, cache=features, **{ckpt.PAUSE_ENV: "0.3"}))
@@ -286,7 +289,7 @@ def test_resume_after_killing_every_process(workspace: Path, two_process_finetun
     # It continued at the checkpoint's batch and ends where the uninterrupted run ended.
     uninterrupted, _ = two_process_finetune
     assert max_difference(load_file(str(out / "model.safetensors")),
-                          load_file(str(uninterrupted / "model.safetensors"))) < WEIGHT_TOLERANCE
+                          load_file(str(uninterrupted / "model.safetensors"))) < WEIGHT_TOLERANCE[precision]
     import imgclf
 
     assert imgclf.load(out).classes == ["class_0", "class_1", "class_2"]

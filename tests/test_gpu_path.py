@@ -177,7 +177,7 @@ def test_compile_flag_reaches_torch_compile(tmp_path: Path, monkeypatch: pytest.
 
     def fake_train(cfg: TrainConfig) -> SimpleNamespace:
         captured["cfg"] = cfg
-        return SimpleNamespace(meta={"metrics": {}})
+        return SimpleNamespace(meta={"metrics": {}}, info=SimpleNamespace(metrics={}))
 
     monkeypatch.setattr("imgclf.workflow.train", fake_train)
     assert main(["train", "data", "--out", str(tmp_path / "o"), "--compile"]) == 0

@@ -205,7 +205,7 @@ def parity_batch(
     if images:
         files = collect_images(list(images))
     else:
-        data = model.info.data_source
+        data = str(model.info.data.get("source", ""))  # the training folder, when it was one
         if data and Path(data).is_dir():
             try:
                 files, source = collect_images([data]), "training data"

@@ -246,10 +246,11 @@ class Checkpointer:
         return cls(out, cfg, checkpoint)
 
     def resumed_history(self) -> list[dict[str, Any]]:
-        """The per-epoch records of the run being resumed (empty for a new run)."""
+        """The fine-tuned epochs' records of the run being resumed (empty for a new run); not epoch 0,
+        the probe's head, which metrics.jsonl and TensorBoard do not list."""
         if self.resume_from is None or self.resume_from.state["stage"] != "fit":
             return []
-        return list(self.resume_from.state["result"]["history"])
+        return [r for r in self.resume_from.state["result"]["history"] if r["epoch"] > 0]
 
     # -- the head (linear probe) stage -------------------------------------------------------
 
