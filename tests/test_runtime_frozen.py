@@ -15,8 +15,8 @@ from imgclf.data.pipeline import normalize
 # Largest |difference| allowed between two runs of one network, relative to the largest |output|, per
 # precision of the runtime. fp32: float rounding (measured < 1e-6). bf16 keeps 8 bits of mantissa
 # (relative step 2^-8 = 0.4%) and OpenVINO runs it only where the CPU has it (elsewhere the hint falls
-# back to fp32): measured 0.74% of the largest output (OpenVINO bf16 against torch fp32; fp32 6.7e-7 and 9.6e-7) on an
-# AMD EPYC with AVX512-BF16 (2026-12-01).
+# back to fp32): measured 0.74% of the largest output (OpenVINO bf16 against torch fp32; in fp32
+# 6.7e-7 and 9.6e-7) on an AMD EPYC with AVX512-BF16 (2026-12-01).
 RELATIVE_TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2}
 
 
