@@ -18,8 +18,8 @@ from conftest import TINY_BACKBONE, make_image_folder
 # Largest |logit difference| allowed between the training network at step 0 and the probe's head on
 # the frozen runtime's features, relative to the largest |logit|. fp32: float rounding (measured 0 on
 # torch, 1.0e-6 on OpenVINO). bf16 keeps 8 bits of mantissa: measured 0.37% (torch) and 0.79%
-# (OpenVINO) of the largest logit on an AMD EPYC with AVX512-BF16 (2026-12-01). A dropout left on in training mode, other preprocessing or another layout
-# give differences of the size of the logits themselves.
+# (OpenVINO) of the largest logit on an AMD EPYC with AVX512-BF16 (2026-12-01). A dropout left on in
+# training mode, other preprocessing or another layout give differences of the size of the logits.
 RELATIVE_TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2}
 
 
