@@ -86,7 +86,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             "weights", "random_init", "val_fraction", "lr", "augment", "flip", "patience",
             "precision", "device", "workers", "max_bad_fraction", "balance", "max_minutes",
             "resume", "checkpoint_minutes", "deterministic", "tensorboard", "time_budget_minutes", "feature_cache",
-            "scan_cache", "test_time_size_search", "compile",
+            "scan_cache", "test_time_size_search", "compile", "keep_checkpoints",
         )
     }
     cfg = resolve_config(file_values, **flags)
