@@ -27,7 +27,7 @@ TIMED_STEPS = 2  # per precision, after one warm-up step
 
 
 def training_dtype(
-    model: nn.Module,
+    make_model: Callable[[], nn.Module],
     *,
     device: torch.device,
     precision: str,
@@ -36,15 +36,16 @@ def training_dtype(
     deterministic: bool = False,
     clock: Callable[[], float] = time.perf_counter,
 ) -> torch.dtype:
-    """The autocast dtype for fine-tuning `model` (a backbone + head returning logits) on `device`.
+    """The autocast dtype for fine-tuning on `device` a network that `make_model()` builds (a copy of the
+    backbone + head, returning logits; built only when a timing is needed).
 
     `precision` "fp32" or "bf16" is obeyed. "auto": bf16 on GPUs that support it, fp32 on CPUs
     without native bf16, and on CPUs with it whichever of the two trains faster by a few timed steps
-    of `model`, which the caller may not use after (bf16 only when `BF16_MIN_SPEEDUP` times faster), logged.
-    With `deterministic`, "auto" on a CPU is fp32 without timing: a timing is not repeatable.
+    (bf16 only when `BF16_MIN_SPEEDUP` times faster), logged. With `deterministic`, "auto" on a CPU
+    is fp32 without timing: a timing is not repeatable.
 
     Example:
-        >>> training_dtype(nn.Linear(3, 2), device=torch.device("cpu"), precision="fp32", image_size=32,
+        >>> training_dtype(lambda: nn.Linear(3, 2), device=torch.device("cpu"), precision="fp32", image_size=32,
         ...                batch_size=4)
         torch.float32
     """
@@ -54,6 +55,7 @@ def training_dtype(
         return compute_dtype(device, precision)
     if compute_dtype(device, "auto") != torch.bfloat16 or deterministic:
         return torch.float32  # no native bf16: emulated, it is ~10x slower (runtime/device.py)
+    model = make_model()
     seconds = {dtype: step_seconds(model, device=device, dtype=dtype, image_size=image_size,
                                    batch_size=min(batch_size, 32), clock=clock)
                for dtype in (torch.float32, torch.bfloat16)}

@@ -278,9 +278,12 @@ def _plan(cfg: TrainConfig, dataset: Dataset, device: torch.device, started: flo
 
 def _training_dtype(backbone: Backbone, num_classes: int, cfg: TrainConfig, device: torch.device) -> torch.dtype:
     """`training_dtype` for the backbone with a new head; under torchrun every rank follows rank 0."""
+    def trial() -> ImageClassifier:  # a copy: the timed steps must not touch the backbone's weights
+        model = ImageClassifier(copy.deepcopy(backbone.model), nn.Linear(backbone.num_features, num_classes))
+        model.set_backbone_trainable(True, freeze_bn=cfg.freeze_bn)
+        return model
+
     def measure() -> torch.dtype:
-        trial = ImageClassifier(copy.deepcopy(backbone.model), nn.Linear(backbone.num_features, num_classes))
-        trial.set_backbone_trainable(True, freeze_bn=cfg.freeze_bn)
         return training_dtype(trial, device=device, precision=cfg.precision,
                               image_size=cfg.image_size or MIN_IMAGE_SIZE, batch_size=cfg.batch_size,
                               deterministic=cfg.deterministic)
