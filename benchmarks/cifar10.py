@@ -40,6 +40,19 @@ def ensure_data() -> Path:
     return folder
 
 
+def first_per_class(source: Path, counts: dict[str, int], target: Path) -> Path:
+    """`target/<split>/<class>/`: copies of the first `counts[split]` images of every class of
+    `source/<split>/` (made once; an existing `target` is reused)."""
+    if not all((target / split).is_dir() for split in counts):
+        for split, count in counts.items():
+            for class_dir in sorted((source / split).iterdir()):
+                out = target / split / class_dir.name
+                out.mkdir(parents=True, exist_ok=True)
+                for f in sorted(class_dir.iterdir())[:count]:
+                    shutil.copy(f, out / f.name)
+    return target
+
+
 def subset(folder: Path, per_class: int) -> Path:
     """A train folder with the first `per_class` images of every class (copied once)."""
     target = CACHE / f"train-{per_class}"

@@ -31,20 +31,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cifar10 import CACHE, ensure_data  # noqa: E402  (the same unzipped set as benchmarks/cifar10.py)
+from cifar10 import CACHE, ensure_data, first_per_class  # noqa: E402  (the same unzipped set as benchmarks/cifar10.py)
 
 
 def small_copy(data: Path, per_class: int) -> Path:
     """train/ and test/ with the first `per_class` images of every class (copied once)."""
-    target = CACHE / f"cifar10-{per_class}pc"
-    if not (target / "test").is_dir():
-        for split in ("train", "test"):
-            for class_dir in sorted((data / split).iterdir()):
-                out = target / split / class_dir.name
-                out.mkdir(parents=True, exist_ok=True)
-                for f in sorted(class_dir.iterdir())[:per_class]:
-                    shutil.copy(f, out / f.name)
-    return target
+    return first_per_class(data, {"train": per_class, "test": per_class}, CACHE / f"cifar10-{per_class}pc")
 
 
 def run_imgclf(data: Path, budget: float, out: Path, extra: list[str]) -> dict[str, object]:

@@ -9,7 +9,7 @@ Sets:
 - `digits`: scikit-learn's digits as `imgclf demo` writes them (1,437 train, 360 test, 8 px).
 - `cifar2k`, `cifar10k`: the first 200 / 1,000 training images of every CIFAR-10 class, and the first
   200 test images of every class (2,000) as the test split; from ../shared/data/cifar10-jpg.zip,
-  unzipped into $IMGCLF_BENCH_CACHE (default ~/.cache/imgclf-bench).
+  unzipped into $IMGCLF_BENCH_CACHE (default ~/.cache/imgclf-bench), copied once.
 
 Usage:
     IMGCLF_OFFLINE=1 IMGCLF_PROGRESS=0 python benchmarks/default_suite.py [--budget 5] [--sets digits,cifar2k]
@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -29,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cifar10 import CACHE, ensure_data  # noqa: E402
+from cifar10 import CACHE, ensure_data, first_per_class  # noqa: E402
 
 SETS = ("digits", "cifar2k", "cifar10k")
 
@@ -44,18 +43,9 @@ def digits_folder() -> Path:
 
 
 def cifar_folder(train_per_class: int, test_per_class: int = 200) -> Path:
-    """`CACHE/cifar-<n>/{train,test}/<class>/`: hard links to the first images of every class."""
-    source = ensure_data()
-    target = CACHE / f"cifar-{train_per_class}-{test_per_class}"
-    if (target / "test").is_dir():
-        return target
-    for split, count in (("train", train_per_class), ("test", test_per_class)):
-        for class_dir in sorted((source / split).iterdir()):
-            out = target / split / class_dir.name
-            out.mkdir(parents=True, exist_ok=True)
-            for f in sorted(class_dir.iterdir())[:count]:
-                os.link(f, out / f.name)
-    return target
+    """`CACHE/cifar-<n>-<m>/{train,test}/<class>/`: the first images of every class, copied once."""
+    return first_per_class(ensure_data(), {"train": train_per_class, "test": test_per_class},
+                           CACHE / f"cifar-{train_per_class}-{test_per_class}")
 
 
 def folder_for(name: str) -> Path:
