@@ -25,6 +25,7 @@ RECIPES: tuple[str, ...] = get_args(Recipe)
 RECIPE_ALIASES: dict[str, Recipe] = {"seed": "article"}
 
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
+DEFAULT_PROBE_L2 = (1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)  # the probe's L2 strengths, chosen on val
 
 # Per-recipe defaults, between the dataclass defaults and the YAML file: defaults < these < file < flags.
 RECIPE_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -88,7 +89,7 @@ class TrainConfig:
     test_time_size_search: bool = True
 
     # probe: a multinomial logistic regression on frozen features; L2 strength picked on val.
-    probe_l2: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0])
+    probe_l2: list[float] = field(default_factory=lambda: list(DEFAULT_PROBE_L2))
 
     precision: Precision = "auto"  # auto = bf16 where the CPU/GPU runs it natively
     device: str = "auto"  # auto, cpu, cuda, cuda:N

@@ -13,8 +13,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from imgclf import distributed
 from imgclf.bundle import Model
 from imgclf.config import TrainConfig
@@ -71,9 +69,8 @@ def bundle_meta(run: TrainingRun) -> dict[str, Any]:
     """The run's description plus its scores on val and test and the temperature fitted on val."""
     metrics = {split: classification_metrics(softmax(scored.logits), scored.labels, run.classes)
                for split, scored in run.predictions.items()}
-    val = run.predictions.get("val")
-    no_val = (np.zeros((0, len(run.classes)), np.float32), np.zeros(0, np.int64))  # T = 1
-    calibration = calibrate(*((val.logits, val.labels) if val is not None else no_val))
+    val = run.predictions["val"]  # every run scores val (an empty split gives T = 1)
+    calibration = calibrate(val.logits, val.labels)
     log(f"temperature {calibration['temperature']:.3f} fitted on {calibration['images']} val images"
         + ("" if calibration["usable"] else f" (fit at a bound, {calibration['fitted_temperature']:.3g}: kept 1)"))
     return {**run.meta, "metrics": metrics, "temperature": calibration["temperature"], "calibration": calibration,

@@ -16,7 +16,7 @@ import functools
 import time
 from dataclasses import dataclass
 
-from imgclf.config import DEFAULT_BACKBONE
+from imgclf.config import DEFAULT_BACKBONE, DEFAULT_PROBE_L2
 from imgclf.data.check import preflight
 from imgclf.data.dataset import Dataset
 from imgclf.data.pipeline import ImageStore, Preprocessing
@@ -27,8 +27,6 @@ from imgclf.progress import log
 from imgclf.runtime import FrozenForward, compute_dtype, pick_device
 from imgclf.training.feature_cache import LazyForward, cache_for, cached_features
 from imgclf.training.probe import fit_probe
-
-DEFAULT_L2 = [1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0]  # TrainConfig.probe_l2's default
 
 
 @dataclass
@@ -108,7 +106,7 @@ def compare_backbones(
                 run_seconds += time.perf_counter() - pass_start
                 run_images += min(len(store), (forward.calls - calls) * batch_size)
         (train_x, train_y, _), (val_x, val_y, _) = outputs
-        probe = fit_probe(train_x, train_y, val_x, val_y, len(dataset.classes), DEFAULT_L2)
+        probe = fit_probe(train_x, train_y, val_x, val_y, len(dataset.classes), list(DEFAULT_PROBE_L2))
         parameters = sum(p.numel() for p in backbone.model.parameters())
         row = Comparison(
             backbone=name, image_size=size, val_accuracy=probe.val_accuracy, l2=probe.l2,
