@@ -1,0 +1,1 @@
+"""The `explain` subcommand (registered in cli.COMMANDS)."""

@@ -1,0 +1,1 @@
+"""The `review`, `rank`, `embed` and `similar` subcommands (registered in cli.COMMANDS)."""

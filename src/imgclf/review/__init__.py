@@ -1,0 +1,1 @@
+"""Better data: label issues (cleanlab), what to label next, embeddings and similar images (issue 17)."""
