@@ -22,6 +22,7 @@ from imgclf.data.pipeline import ImageStore, Preprocessing, image_to_tensor, nor
 from imgclf.errors import BundleError, check_format
 from imgclf.models.classifier import ImageClassifier, build_head, non_finite_tensors, state_dict_mismatch
 from imgclf.runtime import FrozenForward, run_frozen
+from imgclf.runtime.int8 import INT8_RUNTIMES, gated_int8_forward
 from imgclf.version import library_versions
 
 BUNDLE_JSON = "imgclf.json"
@@ -143,6 +144,7 @@ class Model:
         self.meta = meta
         self._forward: FrozenForward | None = None
         self._forward_key: tuple[str, str] | None = None
+        self.folder: Path | None = None  # the bundle folder, set by `load`: where int8 models are found
 
     @property
     def info(self) -> BundleInfo:
@@ -204,12 +206,17 @@ class Model:
             backbone = create_backbone(info.backbone.timm_name, pretrained=False)
         module = ImageClassifier(backbone.model, head)
         load_weights(module, weights)
-        return cls(module, info.classes, info.preprocessing, meta)
+        model = cls(module, info.classes, info.preprocessing, meta)
+        model.folder = folder
+        return model
 
     # -- inference -------------------------------------------------------------------------
 
     def forward_function(self, runtime: str = "auto", precision: str = "auto") -> FrozenForward:
         key = (runtime, precision)
+        if (self._forward is None or self._forward_key != key) and runtime in INT8_RUNTIMES:
+            # The bundle's int8 model from `imgclf export --int8`, only if it passed its accuracy gate.
+            self._forward, self._forward_key = gated_int8_forward(self.module, self.folder, runtime), key
         if self._forward is None or self._forward_key != key:
             self._forward = FrozenForward(
                 self.module, image_size=self.preprocessing.image_size, precision=precision, runtime=runtime,

@@ -90,11 +90,30 @@ class OpenVINONetwork:
     with one `Preprocessing`'s normalisation built into the network."""
 
     def __init__(self, module: nn.Module, image_size: int, dtype: torch.dtype, *, keep: bool) -> None:
-        self.model = converted_network(module, image_size, keep=keep)
+        self._setup(converted_network(module, image_size, keep=keep), "bf16" if dtype == torch.bfloat16 else "f32")
+
+    @classmethod
+    def from_file(cls, path: str | Path, *, precision_hint: str = "f32") -> OpenVINONetwork:
+        """A network read from an OpenVINO IR file (`.xml` + `.bin`), such as a bundle's int8 model.
+
+        `precision_hint` ("f32" or "bf16") is the precision of the operations the file leaves in
+        floating point; quantized operations run in int8 either way.
+
+        Example:
+            >>> network = OpenVINONetwork.from_file("runs/pets/int8/model.xml")  # doctest: +SKIP
+        """
+        import openvino as ov
+
+        network = cls.__new__(cls)
+        network._setup(ov.Core().read_model(str(path)), precision_hint)
+        return network
+
+    def _setup(self, model: Any, precision_hint: str) -> None:
+        self.model = model
         # Throughput mode: 1.2x the latency mode's images/s for lite0 at 160 px on 2 cores (2
         # streams of 1 thread: depthwise convolutions parallelise poorly within one stream).
         # Under torchrun: this process's share of the cores (see imgclf.distributed).
-        self.properties = {"INFERENCE_PRECISION_HINT": "bf16" if dtype == torch.bfloat16 else "f32",
+        self.properties = {"INFERENCE_PRECISION_HINT": precision_hint,
                            "PERFORMANCE_HINT": "THROUGHPUT", **openvino_properties()}
         self._runners: dict[Any, OpenVINORunner] = {}
 
