@@ -38,9 +38,10 @@ import numpy as np
 from imgclf.data.dataset import Dataset, ImageSet
 from imgclf.data.decode import IMAGE_EXTENSIONS
 from imgclf.data.layout import ACCEPTED, SPLIT_NAMES, detect_layout
+from imgclf.data.multilabel import format_statistics, join_labels, label_statistics, split_labels
 from imgclf.data.scan import Entry, FileResult, scan_file
 from imgclf.data.scan_cache import ScanCache, signature
-from imgclf.data.sources import list_class_folder, read_manifest
+from imgclf.data.sources import list_class_folder, manifest_is_multilabel, read_manifest
 from imgclf.errors import DataError
 from imgclf.files import DIGEST_BYTES
 from imgclf.progress import log, progress
@@ -61,6 +62,7 @@ class Discovery:
     empty_classes: list[tuple[str, str]] = field(default_factory=list)  # (split, class)
     ignored: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     warnings: list[str] = field(default_factory=list)
+    multilabel: bool = False  # a `path,labels` CSV: each entry's label is a ";"-joined set (data.multilabel)
 
 
 # --------------------------------------------------------------------------------------------
@@ -91,7 +93,7 @@ def discover(data: str) -> Discovery:
     if layout.kind == "csv manifest":
         rows = read_manifest(path)
         entries = [Entry(p, split, label) for p, label, split in rows]
-        return Discovery(data, layout.kind, entries)
+        return Discovery(data, layout.kind, entries, multilabel=manifest_is_multilabel(path))
     folders = {name: splits[name] for name in SPLIT_NAMES if name in splits} if splits else {"all": path}
     found = Discovery(data, layout.kind, [])
     for split, folder in folders.items():
@@ -258,6 +260,11 @@ class CheckReport:
     warnings: list[str] = field(default_factory=list)
     exact_groups: list[list[int]] = field(default_factory=list)
     near_groups: list[list[int]] = field(default_factory=list)
+    multilabel: bool = False  # entries' labels are ";"-joined label sets: counts are per label
+
+    def _names(self, label: str) -> list[str]:
+        """The classes one entry counts towards: its label, or each label of its set."""
+        return split_labels(label) if self.multilabel else [label]
 
     @property
     def unusable(self) -> list[FileResult]:
@@ -276,18 +283,22 @@ class CheckReport:
         classes = self.classes()
         table: dict[str, dict[str, int]] = {}
         for r in self.usable:
-            table.setdefault(r.entry.split, dict.fromkeys(classes, 0))[r.entry.label] += 1
+            row = table.setdefault(r.entry.split, dict.fromkeys(classes, 0))
+            for name in self._names(r.entry.label):
+                row[name] += 1
         for split, _ in self.empty_classes:
             table.setdefault(split, dict.fromkeys(classes, 0))
         return {s: table[s] for s in sorted(table, key=_split_order)}
 
     def classes(self) -> list[str]:
-        return sorted({r.entry.label for r in self.results} | {c for _, c in self.empty_classes})
+        named = {n for r in self.results for n in self._names(r.entry.label)}
+        return sorted(named | {c for _, c in self.empty_classes})
 
     def class_totals(self) -> dict[str, int]:
         totals = dict.fromkeys(self.classes(), 0)
         for r in self.usable:
-            totals[r.entry.label] += 1
+            for name in self._names(r.entry.label):
+                totals[name] += 1
         return totals
 
     def imbalance(self) -> dict[str, Any]:
@@ -404,6 +415,8 @@ class CheckReport:
             },
             "warnings": self.warnings,
             "problems": self.problems(),
+            **({"multilabel": label_statistics([split_labels(r.entry.label) for r in usable], self.classes())}
+               if self.multilabel else {}),
         }
 
     def format(self) -> str:
@@ -429,6 +442,8 @@ class CheckReport:
             lines.append(f"  classes in val/test with no training images: {', '.join(d['classes_missing_from_train'])}")
         if d["single_image_classes"]:
             lines.append(f"  classes with a single image: {', '.join(d['single_image_classes'])}")
+        if "multilabel" in d:
+            lines += format_statistics(d["multilabel"])
         sizes = d["image_sizes"]
         if sizes:
             s = sizes["shorter_side"]
@@ -487,7 +502,8 @@ def check(data: str, *, workers: int = 0) -> CheckReport:
     """
     found = discover(data)
     return report_for(found.entries, data=data, source=found.source, workers=workers,
-                      empty_classes=found.empty_classes, ignored=found.ignored, warnings=found.warnings)
+                      empty_classes=found.empty_classes, ignored=found.ignored, warnings=found.warnings,
+                      multilabel=found.multilabel)
 
 
 def report_for(
@@ -500,6 +516,7 @@ def report_for(
     ignored: Iterable[tuple[str, str]] = (),
     warnings: Iterable[str] = (),
     cache: ScanCache | None = None,
+    multilabel: bool = False,
 ) -> CheckReport:
     """Scan `entries` (reusing `cache`, see `scan_files`) and build the report (duplicates included)."""
     results = scan_files(entries, workers=workers, cache=cache)
@@ -512,6 +529,7 @@ def report_for(
         warnings=list(warnings),
         exact_groups=exact_duplicate_groups(results),
         near_groups=near_duplicate_groups(results),
+        multilabel=multilabel,
     )
 
 
@@ -549,7 +567,7 @@ def preflight(
     if any(s.arrays is not None for s in splits.values()):
         return dataset, []  # built-in sets are held in memory, already decoded
     entries = [
-        Entry(path, split, dataset.classes[int(label)])
+        Entry(path, split, _label_text(label, dataset.classes))
         for split, images in splits.items()
         for path, label in zip(images.paths, images.labels, strict=True)
     ]
@@ -580,6 +598,13 @@ def preflight(
     if empty:
         log(f"warning: no readable training images left for class(es) {', '.join(empty)}")
     return cleaned, skipped
+
+
+def _label_text(label: np.ndarray, classes: list[str]) -> str:
+    """A label as the scan reports it: the class name, or a multi-label row's ";"-joined names."""
+    if np.ndim(label):
+        return join_labels([classes[j] for j in np.flatnonzero(label)])
+    return classes[int(label)]
 
 
 def _too_many_unreadable(skipped: list[dict[str, str]], total: int, fraction: float, limit: float) -> DataError:

@@ -23,7 +23,9 @@ class ImageSet:
     """
 
     paths: list[str]
-    labels: np.ndarray  # int64, indices into the dataset's class list
+    # int64 N, indices into the dataset's class list; or, multi-label (see `data.multilabel`), an
+    # N x C float32 0/1 matrix, one column per label: code that only indexes rows handles both.
+    labels: np.ndarray
     arrays: np.ndarray | None = None
     # N x 16 uint8: the first 16 bytes of each file's SHA-256, when the pre-flight scan has them
     # (the feature cache's content keys, so a run does not read every file again to hash it).
@@ -48,6 +50,9 @@ class ImageSet:
         return open_image(self.paths[index], draft_size=draft_size)
 
     def class_counts(self, num_classes: int) -> list[int]:
+        """Images per class (multi-label: images carrying each label)."""
+        if self.labels.ndim == 2:
+            return self.labels.sum(axis=0).astype(np.int64).tolist() if len(self) else [0] * num_classes
         return np.bincount(self.labels, minlength=num_classes).tolist()
 
 
@@ -63,11 +68,17 @@ class Dataset:
     val_from_train: bool  # True when val was carved out of train by a stratified split
     warnings: list[str] = field(default_factory=list)
 
+    @property
+    def multilabel(self) -> bool:
+        """True when every image carries a set of labels (a `labels` CSV column), not one class."""
+        return self.train.labels.ndim == 2
+
     def summary(self) -> dict[str, object]:
         n = len(self.classes)
         splits = {"train": self.train, "val": self.val, "test": self.test}
         return {
             "source": self.source,
+            **({"task": "multi-label"} if self.multilabel else {}),
             "classes": self.classes,
             "val_from_train": self.val_from_train,
             "counts": {

@@ -21,6 +21,18 @@ from imgclf.data import cifar
 from imgclf.data.dataset import Dataset, ImageSet
 from imgclf.data.decode import is_image_file
 from imgclf.data.layout import ACCEPTED, SPLIT_NAMES, detect_layout
+from imgclf.data.multilabel import (
+    MULTILABEL_COLUMN,
+    SEPARATOR,
+    is_multilabel,
+    iterative_split,
+    join_labels,
+    multi_hot,
+    parse_labels_cell,
+    split_labels,
+    unknown_labels,
+    unknown_labels_error,
+)
 from imgclf.errors import BundleError, DataError
 
 # --------------------------------------------------------------------------------------------
@@ -106,13 +118,16 @@ def stratified_split(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Split indices into (keep, held_out) with `fraction` of every class held out, seeded.
 
-    Every class with at least 2 images keeps at least 1 and holds out at least 1.
+    Every class with at least 2 images keeps at least 1 and holds out at least 1. A multi-label
+    matrix (N x C, see `data.multilabel`) is split by iterative stratification instead.
 
     Example:
         >>> keep, held = stratified_split(np.array([0, 0, 0, 0, 1, 1, 1, 1]), 0.5, seed=0)
         >>> sorted(np.bincount(np.array([0, 0, 0, 0, 1, 1, 1, 1])[held]).tolist())
         [2, 2]
     """
+    if is_multilabel(labels):
+        return iterative_split(labels, fraction, seed)
     rng = np.random.default_rng(seed)
     keep: list[np.ndarray] = []
     held: list[np.ndarray] = []
@@ -197,6 +212,8 @@ def _from_split_folders(
 
 def _from_csv(path: Path, *, val_fraction: float, seed: int) -> Dataset:
     rows = read_manifest(path)
+    if manifest_is_multilabel(path):
+        return _from_multilabel_csv(path, rows, val_fraction=val_fraction, seed=seed)
     labels_by_split: dict[str, list[tuple[str, str]]] = {"train": [], "val": [], "test": []}
     for file, label, split in rows:
         labels_by_split[split].append((file, label))
@@ -228,6 +245,39 @@ def _from_csv(path: Path, *, val_fraction: float, seed: int) -> Dataset:
     return Dataset(classes, train, val, test, "csv manifest", val_from_train, warnings)
 
 
+def _from_multilabel_csv(
+    path: Path, rows: list[tuple[str, str, str]], *, val_fraction: float, seed: int
+) -> Dataset:
+    """A `path,labels[,split]` manifest's splits: label matrices over the sorted training labels."""
+    by_split: dict[str, list[tuple[str, list[str]]]] = {"train": [], "val": [], "test": []}
+    for file, text, split in rows:
+        by_split[split].append((file, split_labels(text)))
+    classes = sorted({x for _, labels in by_split["train"] for x in labels})
+    if not classes:
+        raise DataError(f"the train rows of {str(path)!r} carry no labels at all",
+                        expected="at least one label on some training image",
+                        fix="fill the labels column (labels separated by ';')")
+
+    def make(split: str) -> ImageSet:
+        items = by_split[split]
+        unknown = unknown_labels([labels for _, labels in items], classes)
+        if unknown:
+            raise unknown_labels_error(unknown, f"the {split} rows of {str(path)!r}", classes)
+        return ImageSet(paths=[f for f, _ in items], labels=multi_hot([labels for _, labels in items], classes))
+
+    train, warnings = make("train"), []
+    rare = [c for c, n in zip(classes, train.class_counts(len(classes)), strict=True) if n < 2]
+    if rare:
+        warnings.append(f"labels on a single training image: {', '.join(rare)}")
+    if by_split["val"]:
+        val, val_from_train = make("val"), False
+    else:
+        keep, held = iterative_split(train.labels, val_fraction, seed)
+        train, val, val_from_train = train.subset(keep), train.subset(held), True
+    test = make("test") if by_split["test"] else None
+    return Dataset(classes, train, val, test, "csv manifest (multi-label)", val_from_train, warnings)
+
+
 def read_manifest(path: Path) -> list[tuple[str, str, str]]:
     """Parse a `path,label[,split]` CSV into (absolute path, label, split) rows.
 
@@ -239,26 +289,35 @@ def read_manifest(path: Path) -> list[tuple[str, str, str]]:
         raise DataError(f"cannot read CSV {str(path)!r}: {exc}", fix="save it as UTF-8 text") from None
     reader = csv.reader(text.splitlines())
     header = [h.strip().lower() for h in next(reader, [])]
-    if "path" not in header or "label" not in header:
+    multilabel = _manifest_is_multilabel(header, path)
+    if "path" not in header or not ("label" in header or multilabel):
         raise DataError(
             f"CSV {str(path)!r} has header {header!r}",
-            expected="a header row with 'path' and 'label' (and optionally 'split')",
-            fix="add the header line: path,label",
+            expected="a header row with 'path' and 'label' (and optionally 'split'); or, for several labels "
+            "per image, 'path' and 'labels'",
+            fix="add the header line: path,label (or path,labels with labels separated by ';')",
         )
-    col_path, col_label = header.index("path"), header.index("label")
+    col_path, col_label = header.index("path"), header.index(MULTILABEL_COLUMN if multilabel else "label")
     col_split = header.index("split") if "split" in header else None
     rows: list[tuple[str, str, str]] = []
     problems: list[str] = []
     for line_no, row in enumerate(reader, start=2):
         if not row or all(not cell.strip() for cell in row):
             continue
-        if len(row) < len(header):
-            problems.append(f"line {line_no}: {len(row)} field(s), expected {len(header)}")
+        if len(row) < len(header) or (multilabel and len(row) > len(header)):
+            hint = f" (separate labels with {SEPARATOR!r}, not ',')" if len(row) > len(header) else ""
+            problems.append(f"line {line_no}: {len(row)} field(s), expected {len(header)}{hint}")
             continue
         file, label = row[col_path].strip(), row[col_label].strip()
         split = row[col_split].strip().lower() if col_split is not None else "train"
         split = next((k for k, names in SPLIT_NAMES.items() if split in names), split)
-        if not file or not label:
+        if multilabel:  # canonical "a;b" text; an empty cell is allowed and means "none of these"
+            names, problem = parse_labels_cell(label)
+            if problem:
+                problems.append(f"line {line_no}: {problem}")
+                continue
+            label = join_labels(names)
+        if not file or (not label and not multilabel):
             problems.append(f"line {line_no}: empty {'path' if not file else 'label'}")
             continue
         if split not in SPLIT_NAMES:
@@ -274,7 +333,8 @@ def read_manifest(path: Path) -> list[tuple[str, str, str]]:
         more = f"\n    ... and {len(problems) - 20} more" if len(problems) > 20 else ""
         raise DataError(
             f"CSV {str(path)!r} has {len(problems)} bad row(s):\n    {shown}{more}",
-            expected="every row: an existing image path (relative to the CSV) and a label",
+            expected="every row: an existing image path (relative to the CSV) and a label"
+            + (f" set (labels separated by {SEPARATOR!r}, empty for none)" if multilabel else ""),
             fix="fix or delete those lines",
         )
     if not rows:
@@ -282,10 +342,35 @@ def read_manifest(path: Path) -> list[tuple[str, str, str]]:
     return rows
 
 
-def load_eval_split(data: str, classes: list[str]) -> tuple[ImageSet, str]:
+def _manifest_is_multilabel(header: list[str], path: Path) -> bool:
+    """True for a `path,labels[,split]` manifest (see `data.multilabel`); both columns is ambiguous."""
+    if MULTILABEL_COLUMN in header and "label" in header:
+        raise DataError(
+            f"CSV {str(path)!r} has both a 'label' and a 'labels' column",
+            expected="'label' (one class per image) or 'labels' (several, separated by ';'), not both",
+            fix="keep one of the two columns",
+        )
+    return MULTILABEL_COLUMN in header
+
+
+def manifest_is_multilabel(path: Path) -> bool:
+    """Whether the CSV manifest at `path` has a `labels` column (several labels per image).
+
+    Example:
+        >>> manifest_is_multilabel(Path("photos.csv"))  # doctest: +SKIP
+        True
+    """
+    text = path.read_text(encoding="utf-8-sig")
+    header = [h.strip().lower() for h in next(csv.reader(text.splitlines()[:1]), [])]
+    return _manifest_is_multilabel(header, path)
+
+
+def load_eval_split(data: str, classes: list[str], *, multilabel: bool = False) -> tuple[ImageSet, str]:
     """The images to evaluate a bundle on: a test split when DATA has one, else all its images.
 
     Labels are mapped through the bundle's `classes`; a class the bundle does not know is an error.
+    A `multilabel` bundle needs a `path,labels` CSV (labels come back as a matrix), and a
+    single-label bundle data with one label per image.
     """
     index = {c: i for i, c in enumerate(classes)}
     layout = detect_layout(data)
@@ -298,7 +383,13 @@ def load_eval_split(data: str, classes: list[str]) -> tuple[ImageSet, str]:
         rows = read_manifest(path)
         chosen = [r for r in rows if r[2] == "test"] or rows
         split = "test rows" if any(r[2] == "test" for r in rows) else "all rows"
+        if manifest_is_multilabel(path) != multilabel:
+            raise _task_mismatch(data, multilabel)
+        if multilabel:
+            return _relabel_multilabel([(f, lab) for f, lab, _ in chosen], classes, data), split
         return _relabel([(f, lab) for f, lab, _ in chosen], index, classes, data), split
+    if multilabel:
+        raise _task_mismatch(data, multilabel)
     folder, split = path, "all images"
     for name in ("test", "val"):
         if name in splits:
@@ -333,6 +424,28 @@ def _relabel(
         labels=np.asarray([index[label] for _, label in named], dtype=np.int64),
         arrays=arrays,
     )
+
+
+def _task_mismatch(data: str, multilabel: bool) -> BundleError:
+    if multilabel:
+        return BundleError(f"the model is multi-label but {data!r} has one label per image",
+                           expected="a CSV manifest with path,labels columns (labels separated by ';')",
+                           fix="evaluate with a path,labels CSV, or use a model trained on single labels")
+    return BundleError(f"the model is single-label but {data!r} is a multi-label CSV (a 'labels' column)",
+                       expected="class folders or a CSV with path,label columns",
+                       fix="evaluate with single-label data, or train a model on this multi-label CSV")
+
+
+def _relabel_multilabel(named: list[tuple[str, str]], classes: list[str], data: str) -> ImageSet:
+    sets = [split_labels(text) for _, text in named]
+    unknown = unknown_labels(sets, classes)
+    if unknown:
+        raise BundleError(
+            f"the data {data!r} has labels the model was not trained on: {', '.join(unknown[:10])}",
+            expected=f"labels drawn from the model's: {', '.join(classes[:20])}",
+            fix="evaluate with data of the same labels, or train a model on these labels",
+        )
+    return ImageSet(paths=[p for p, _ in named], labels=multi_hot(sets, classes))
 
 
 def collect_images(paths: list[str | Path]) -> list[Path]:
