@@ -230,7 +230,7 @@ def test_under_a_time_budget_the_article_epoch_stops_at_the_deadline(tmp_path: P
 
     from imgclf.config import TrainConfig
     from imgclf.data.pipeline import ImageStore, Preprocessing
-    from imgclf.training.article import build_seed_model, fit_seed
+    from imgclf.training.article import build_seed_model, fit_article
 
     dataset = load_dataset(str(make_image_folder(tmp_path / "data", classes=2, per_class=8, size=32)),
                            val_fraction=0.25, seed=0)
@@ -241,12 +241,53 @@ def test_under_a_time_budget_the_article_epoch_stops_at_the_deadline(tmp_path: P
     cfg = TrainConfig(data="d", out="o", recipe="article", batch_size=4, time_budget_minutes=1.0)
     # The deadline has passed: a budget run stops before its next step, even in the first epoch,
     # and the (empty) partial epoch is still scored on val.
-    history = fit_seed(model, train, val, cfg, epochs=5, device=torch.device("cpu"), dtype=torch.float32,
-                       deadline=time.perf_counter())
+    history = fit_article(model, train, val, cfg, epochs=5, device=torch.device("cpu"), dtype=torch.float32,
+                          deadline=time.perf_counter()).history
     assert len(history) == 1 and history[0]["stopped_mid_epoch"] and history[0]["images"] == 0
     assert "val_accuracy" in history[0]
     # Without a budget the same deadline still lets the first epoch run whole (the epoch guard).
     cfg = TrainConfig(data="d", out="o", recipe="article", batch_size=4, max_minutes=1.0)
-    history = fit_seed(model, train, val, cfg, epochs=5, device=torch.device("cpu"), dtype=torch.float32,
-                       deadline=time.perf_counter())
+    history = fit_article(model, train, val, cfg, epochs=5, device=torch.device("cpu"), dtype=torch.float32,
+                          deadline=time.perf_counter()).history
     assert len(history) == 1 and not history[0]["stopped_mid_epoch"] and history[0]["images"] == len(train)
+
+
+def test_the_article_trains_in_the_shared_loop_keeping_its_last_epoch_and_plateau(tmp_path: Path) -> None:
+    """ArticleStrategy in finetune.FitLoop: SGD at cfg.lr, the plateau scheduler stepped on val
+    accuracy (lr_reduced in every record), no epoch 0 and no early stopping, and the weights of the
+    last epoch kept even when an earlier one scored better (Keras' model.fit)."""
+    import copy
+
+    from imgclf.data.pipeline import ImageStore, Preprocessing
+    from imgclf.training.article import ArticleStrategy, build_seed_model, fit_article
+
+    dataset = load_dataset(str(make_image_folder(tmp_path / "data", classes=2, per_class=8, size=32)),
+                           val_fraction=0.25, seed=0)
+    prep = Preprocessing(image_size=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    train, val = (ImageStore.decode(s, prep, memory_budget=2**26, workers=1) for s in (dataset.train, dataset.val))
+    base = create_conv_base("vgg11", image_size=32, random_init=True)
+    model = build_seed_model(base.model, base.num_features, 2)
+
+    class Snapshots:
+        def __init__(self) -> None:
+            self.states: list[dict[str, torch.Tensor]] = []
+
+        def on_epoch_end(self, record: dict[str, object], model: nn.Module) -> None:
+            self.states.append(copy.deepcopy(model.state_dict()))
+
+    snapshots = Snapshots()
+    # lr 0.05 on VGG11 without BatchNorm: val accuracy moves epoch to epoch, so "last" and "best" can differ.
+    cfg = TrainConfig(data="d", out="o", recipe="article", batch_size=4, lr=0.05, patience=1)
+    result = fit_article(model, train, val, cfg, epochs=4, device=torch.device("cpu"), dtype=torch.float32,
+                         callbacks=[snapshots])
+    history = result.history
+    assert [r["epoch"] for r in history] == [1, 2, 3, 4]  # no probe candidate, no early stop despite patience 1
+    assert all(isinstance(r["lr_reduced"], bool) for r in history)
+    assert result.best_epoch == 4 and [r["selected"] for r in history] == [False, False, False, True]
+    final = model.state_dict()
+    assert all(torch.equal(final[k], snapshots.states[-1][k]) for k in final)
+    assert not all(torch.equal(final[k], snapshots.states[0][k]) for k in final)  # it did train
+    strategy = ArticleStrategy()
+    optimizer = strategy.optimizer(model, cfg)
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.param_groups[0]["lr"] == 0.05
+    assert optimizer.param_groups[0]["momentum"] == 0.9

@@ -99,7 +99,7 @@ def final_state(out: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Ten
     state = {"loop": dict(last.state["loop"]), "result": last.state["result"], "scheduler": last.state["scheduler"]}
     state["loop"].pop("seconds")
     for record in state["result"]["history"]:
-        for key in ("train_seconds", "train_images_per_s"):
+        for key in ("train_seconds", "train_images_per_s", "epoch_seconds"):
             record.pop(key, None)  # epoch 0 (the probe) has no training time
     return load_file(str(out / "model.safetensors")), tensors, state
 

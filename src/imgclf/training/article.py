@@ -21,12 +21,16 @@ with their reasons. Everything else follows the article, and where the article i
   so the article's `val_acc` never fires) and is really used;
 - augmentation touches training images only;
 - like `model.fit` without a checkpoint callback, the weights of the last epoch are kept.
+
+It trains in the same loop as the default recipe (`finetune.FitLoop`), as a strategy of it
+(`ArticleStrategy`): only the optimizer, schedule, loss, augmentation and what to keep differ.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -34,12 +38,12 @@ from torch import nn
 
 from imgclf.config import TrainConfig
 from imgclf.data.pipeline import Preprocessing, Store
-from imgclf.memory import training_heap
 from imgclf.models.article import KIND as CONV_BASE_KIND
 from imgclf.models.article import create_conv_base
 from imgclf.models.backbones import Backbone
 from imgclf.models.classifier import ImageClassifier, build_head
 from imgclf.progress import log
+from imgclf.training.finetune import Callback, FitResult, WarmupCosine, fit
 
 DEFAULT_SEED_EPOCHS = 30  # room for the plateau scheduler to act twice (see PLATEAU); Keras' fit
 # has no early stopping, and the article adds none.
@@ -213,7 +217,45 @@ def build_seed_model(base: nn.Module, num_features: int, num_classes: int) -> Im
     return ImageClassifier(base, build_seed_head(num_features, num_classes))
 
 
-def fit_seed(
+class ArticleStrategy:
+    """The article's (intended) `model.fit`, as a strategy of the one fine-tuning loop (`finetune.FitLoop`).
+
+    SGD with momentum 0.9 at `cfg.lr` (the article recipe's default 0.01, see config.RECIPE_DEFAULTS),
+    no weight decay; plain cross-entropy; `SeedAugmentation`; the plateau scheduler stepped with
+    validation accuracy after every epoch; the last epoch's weights kept, no early stopping.
+    """
+
+    keeps_best = False  # like model.fit without a checkpoint callback
+
+    def __init__(self) -> None:
+        self.plateau: PlateauScheduler | None = None
+
+    def optimizer(self, model: ImageClassifier, cfg: TrainConfig) -> torch.optim.Optimizer:
+        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=SGD_MOMENTUM)
+        self.plateau = PlateauScheduler(optimizer, **PLATEAU)  # type: ignore[arg-type]
+        return optimizer
+
+    def scheduler(self, optimizer: torch.optim.Optimizer, schedule: WarmupCosine) -> Any:
+        # The loop steps a scheduler after every batch; this one leaves the lr alone, so that only
+        # the plateau scheduler changes it.
+        return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+
+    def criterion(self, model: ImageClassifier, train_store: Store, cfg: TrainConfig,
+                  device: torch.device) -> nn.Module:
+        return nn.CrossEntropyLoss()
+
+    def augmentation(self, cfg: TrainConfig) -> SeedAugmentation:
+        return SeedAugmentation(flip=cfg.flip)
+
+    def after_validation(self, record: dict[str, Any], optimizer: torch.optim.Optimizer) -> str:
+        if self.plateau is None:
+            raise RuntimeError("ArticleStrategy.optimizer() builds the plateau scheduler; the loop calls it first")
+        record["lr_reduced"] = self.plateau.step(record["val_accuracy"])
+        after = f" -> {optimizer.param_groups[0]['lr']:g}" if record["lr_reduced"] else ""
+        return f" | lr {record['lr']:g}{after}"
+
+
+def fit_article(
     model: ImageClassifier,
     train_store: Store,
     val_store: Store,
@@ -223,58 +265,20 @@ def fit_seed(
     device: torch.device,
     dtype: torch.dtype,
     deadline: float | None = None,
-) -> list[dict[str, Any]]:
-    """Train the whole network like the article's (intended) `model.fit`; returns the history.
+    callbacks: Sequence[Callback] = (),
+    clock: Callable[[], float] = time.perf_counter,
+) -> FitResult:
+    """Train the whole network like the article's (intended) `model.fit` (see `ArticleStrategy`).
 
-    Optimizer: SGD with momentum 0.9 at `cfg.lr` (the article recipe's default 0.01, see config.RECIPE_DEFAULTS),
-    no weight decay; plain cross-entropy; the plateau scheduler is stepped with validation accuracy
-    after every epoch. Training stops early only when `deadline` (a `time.perf_counter()` value)
-    would be passed by another epoch; under a time budget (`cfg.time_budget_minutes`) the deadline
-    is hard: the epoch stops mid-way when it passes and that partial epoch is scored on val (one
-    epoch of VGG19 at 32 px over 35,000 images takes longer than a 15-minute budget on 2 cores).
+    Training stops early only when `deadline` (a `clock()` value) would be passed by another epoch;
+    under a time budget (`cfg.time_budget_minutes`) the deadline is hard: the epoch stops mid-way
+    when it passes and that partial epoch is scored on val (one epoch of VGG19 at 32 px over 35,000
+    images takes longer than a 15-minute budget on 2 cores).
+
+    Example:
+        >>> result = fit_article(model, train, val, cfg, epochs=30, device=torch.device("cpu"),
+        ...                      dtype=torch.float32)  # doctest: +SKIP
+        >>> result.history[-1]["val_accuracy"]  # doctest: +SKIP
     """
-    from imgclf.training.finetune import evaluate_store, train_one_epoch
-
-    model.to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=SGD_MOMENTUM)
-    # train_one_epoch steps a per-batch scheduler; this one leaves the lr alone, so that only the
-    # plateau scheduler changes it.
-    per_step = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
-    plateau = PlateauScheduler(optimizer, **PLATEAU)  # type: ignore[arg-type]
-    criterion = nn.CrossEntropyLoss()
-    augment = SeedAugmentation(flip=cfg.flip)
-    history: list[dict[str, Any]] = []
-    hard_deadline = deadline is not None and cfg.time_budget_minutes is not None
-    for epoch in range(1, epochs + 1):
-        started = time.perf_counter()
-        record: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
-        with training_heap():  # as FitLoop trains (memory.TRAINING_MMAP_THRESHOLD)
-            record.update(
-                train_one_epoch(
-                    model, train_store, optimizer, per_step, criterion,
-                    augment=augment, epoch=epoch, cfg=cfg, device=device, dtype=dtype,  # type: ignore[arg-type]
-                    stop_at=deadline if hard_deadline else None,
-                )
-            )
-        val_loss, val_acc, _, _ = evaluate_store(
-            model, val_store, batch_size=cfg.batch_size, device=device, precision=cfg.precision
-        )
-        record.update(val_loss=val_loss, val_accuracy=val_acc)
-        record["lr_reduced"] = plateau.step(val_acc)
-        record["epoch_seconds"] = time.perf_counter() - started
-        history.append(record)
-        log(
-            f"epoch {epoch}/{epochs}: train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.4f}"
-            f" | val loss {val_loss:.4f} acc {val_acc:.4f} | lr {record['lr']:g}"
-            f"{' -> ' + format(optimizer.param_groups[0]['lr'], 'g') if record['lr_reduced'] else ''}"
-            f" | {record['train_images_per_s']:.1f} img/s, {record['epoch_seconds']:.0f} s"
-        )
-        if record["stopped_mid_epoch"]:
-            log(f"stopping in epoch {epoch} after {record['images']} images: the time budget's deadline passed")
-            break
-        if deadline is not None and time.perf_counter() + record["epoch_seconds"] > deadline:
-            if epoch < epochs:
-                log(f"stopping after epoch {epoch}: another epoch would pass the time limit")
-            break
-    model.eval()
-    return history
+    return fit(model, train_store, val_store, cfg, epochs=epochs, device=device, dtype=dtype, callbacks=callbacks,
+               deadline=deadline, clock=clock, strategy=ArticleStrategy())

@@ -6,6 +6,10 @@ rate than the head (discriminative learning rates), AdamW with warmup and cosine
 smoothing, batched augmentation and mixed precision where the hardware runs it natively.
 Training stops early when validation accuracy stops improving, and the best epoch is kept.
 
+What differs between recipes is a `FitStrategy`: `LPFT` (the default above) and the article's
+recipe (`training/article.py`: SGD, a plateau scheduler, Keras-like augmentation, the last epoch
+kept) run through the same `FitLoop`.
+
 Everything the loop needs to continue is in `LoopState`; with a `checkpointer` (see
 `training/checkpoint.py`) it is saved after every epoch and every few minutes within one, and a
 resumed run continues at the exact batch, with the same augmentation draws, as one that never stopped.
@@ -95,6 +99,66 @@ class Checkpointer(Protocol):
 
     def save_fit(self, model: ImageClassifier, optimizer: torch.optim.Optimizer, scheduler: Any,
                  state: LoopState, result: FitResult) -> None: ...
+
+
+AugmentFunction = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+
+
+class FitStrategy(Protocol):
+    """What a recipe decides inside the one loop (`FitLoop`): how to step, and which epoch to keep.
+
+    `keeps_best`: keep the best candidate on val and stop early after `cfg.patience` epochs without
+    one (LP-FT), or keep the last epoch's weights and never stop early (Keras' `model.fit`, the article).
+    """
+
+    keeps_best: bool
+
+    def optimizer(self, model: ImageClassifier, cfg: TrainConfig) -> torch.optim.Optimizer: ...
+
+    def scheduler(self, optimizer: torch.optim.Optimizer, schedule: WarmupCosine) -> Any:
+        """The per-step learning-rate scheduler (stepped after every batch, saved in checkpoints)."""
+        ...
+
+    def criterion(self, model: ImageClassifier, train_store: Store, cfg: TrainConfig,
+                  device: torch.device) -> nn.Module: ...
+
+    def augmentation(self, cfg: TrainConfig) -> AugmentFunction | None: ...
+
+    def after_validation(self, record: dict[str, Any], optimizer: torch.optim.Optimizer) -> str:
+        """Called with each epoch's record once it holds the val scores; returns text for its log line."""
+        ...
+
+
+class LPFT:
+    """The default recipe's fine-tuning (LP-FT, after the probe fitted the head).
+
+    AdamW with discriminative learning rates (`param_groups`), warm-up then cosine decay stepped per
+    batch (`WarmupCosine`), label-smoothed cross-entropy (class-weighted with `--balance`), batched
+    augmentation; the best candidate on val is kept (`is_better`).
+    """
+
+    keeps_best = True
+
+    def optimizer(self, model: ImageClassifier, cfg: TrainConfig) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(param_groups(model, cfg))
+
+    def scheduler(self, optimizer: torch.optim.Optimizer, schedule: WarmupCosine) -> Any:
+        # A lambda, not the object: LambdaLR would put the object's fields (a clock) in its state_dict.
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step))
+
+    def criterion(self, model: ImageClassifier, train_store: Store, cfg: TrainConfig,
+                  device: torch.device) -> nn.Module:
+        # --balance: weight each image by 1 / its class frequency, so small classes count as much.
+        weight = balanced_class_weights(train_store.labels, model.num_classes).to(device) if cfg.balance else None
+        # Under torchrun each rank sums its slice's losses (see train_one_epoch).
+        reduction = "sum" if distributed.active() else "mean"
+        return nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing, reduction=reduction)
+
+    def augmentation(self, cfg: TrainConfig) -> AugmentFunction | None:
+        return Augmentation.named(cfg.augment, flip=cfg.flip)
+
+    def after_validation(self, record: dict[str, Any], optimizer: torch.optim.Optimizer) -> str:
+        return ""
 
 
 class NonFiniteLossError(ImgclfError):
@@ -270,7 +334,7 @@ def train_one_epoch(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     criterion: nn.Module,
     *,
-    augment: Augmentation | None,
+    augment: AugmentFunction | None,
     epoch: int,
     cfg: TrainConfig,
     device: torch.device,
@@ -352,8 +416,11 @@ def fit(
     max_epochs: int | None = None,
     clock: Callable[[], float] = time.perf_counter,
     baseline: dict[str, float] | None = None,
+    strategy: FitStrategy | None = None,
 ) -> FitResult:
     """Fine-tune `model` in place for up to `epochs`, then load the best epoch's weights.
+
+    `strategy` is the recipe's part (default `LPFT()`; the article's is `article.ArticleStrategy`).
 
     `baseline` holds the starting model's val scores (`val_accuracy`, `val_loss`; the probe's head
     on the frozen backbone, scored on the same val images): it is candidate epoch 0, so the model
@@ -372,7 +439,7 @@ def fit(
     """
     loop = FitLoop(model, train_store, val_store, cfg, epochs=epochs, device=device, dtype=dtype,
                    callbacks=callbacks, checkpointer=checkpointer, deadline=deadline, max_epochs=max_epochs,
-                   clock=clock, baseline=baseline)
+                   clock=clock, baseline=baseline, strategy=strategy or LPFT())
     return loop.run()
 
 
@@ -388,9 +455,10 @@ class FitLoop:
         self, model: ImageClassifier, train_store: Store, val_store: Store, cfg: TrainConfig, *, epochs: int,
         device: torch.device, dtype: torch.dtype, callbacks: Sequence[Callback], checkpointer: Checkpointer | None,
         deadline: float | None, max_epochs: int | None, clock: Callable[[], float],
-        baseline: dict[str, float] | None,
+        baseline: dict[str, float] | None, strategy: FitStrategy,
     ) -> None:
         self.model, self.cfg, self.epochs, self.device, self.dtype = model, cfg, epochs, device, dtype
+        self.strategy = strategy
         self.callbacks, self.checkpointer, self.clock = callbacks, checkpointer, clock
         self.deadline, self.max_epochs, self.baseline = deadline, max_epochs, baseline
         self.hard_deadline = deadline is not None and cfg.time_budget_minutes is not None
@@ -405,22 +473,15 @@ class FitLoop:
         # On CUDA the uint8 images move to the GPU once when they fit (else per batch, pinned); no-op on a CPU.
         self.train_store = place_store(train_store, device, name="train")
         self.val_store = place_store(val_store, device, name="val")
-        self.optimizer = torch.optim.AdamW(param_groups(model, cfg))
+        self.optimizer = strategy.optimizer(model, cfg)
         self.steps_per_epoch = math.ceil(len(self.train_store) / cfg.batch_size)
         window = (clock(), deadline) if self.hard_deadline and deadline is not None else None
         self.schedule = WarmupCosine(0, 1, time_window=window, clock=clock)
         self.set_epochs(epochs)
-        # A lambda, not the object: LambdaLR would put the object's fields (a clock) in its state_dict.
-        schedule = self.schedule
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: schedule(step))
+        self.scheduler = strategy.scheduler(self.optimizer, self.schedule)
         self.replan = BudgetReplan() if self.hard_deadline and max_epochs is not None else None
-        # --balance: weight each image by 1 / its class frequency, so small classes count as much.
-        weight = (balanced_class_weights(self.train_store.labels, model.num_classes).to(device)
-                  if cfg.balance else None)
-        # Under torchrun each rank sums its slice's losses (see train_one_epoch).
-        reduction = "sum" if distributed.active() else "mean"
-        self.criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing, reduction=reduction)
-        self.augment = Augmentation.named(cfg.augment, flip=cfg.flip)
+        self.criterion = strategy.criterion(model, self.train_store, cfg, device)
+        self.augment = strategy.augmentation(cfg)
         if checkpointer is not None:
             checkpointer.restore_fit(model, self.optimizer, self.scheduler, self.state, self.result)
         # Frozen BatchNorm statistics are the same on every rank: no need to broadcast them each step.
@@ -441,7 +502,7 @@ class FitLoop:
             self.evaluate(record)
             self.select(record)
             self.end_epoch(record)
-        if self.state.best_state is not None:
+        if self.strategy.keeps_best and self.state.best_state is not None:
             self.model.load_state_dict(self.state.best_state)
         for record in self.result.history:
             record["selected"] = record["epoch"] == self.result.best_epoch
@@ -493,20 +554,31 @@ class FitLoop:
             self.checkpointer.save_fit(self.model, self.optimizer, self.scheduler, self.state, self.result)
 
     def evaluate(self, record: dict[str, Any]) -> None:
-        """Score the epoch's network on val (sharded under torchrun), log the epoch's line."""
+        """Score the epoch's network on val (sharded under torchrun), let the strategy see it, log the line."""
+        started = self.clock()
         val_loss, val_acc, _, _ = evaluate_store(self.model, self.val_store, batch_size=self.cfg.batch_size,
                                                  device=self.device, precision=self.cfg.precision, shard=True)
-        record.update(val_loss=val_loss, val_accuracy=val_acc)
+        # What another epoch costs: its training (with any time before a resume) and this scoring.
+        record.update(val_loss=val_loss, val_accuracy=val_acc,
+                      epoch_seconds=record["train_seconds"] + self.clock() - started)
+        note = self.strategy.after_validation(record, self.optimizer)
         self.result.history.append(record)
         log(
             f"epoch {record['epoch']}/{self.epochs}: train loss {record['train_loss']:.4f} "
-            f"acc {record['train_accuracy']:.4f} | val loss {val_loss:.4f} acc {val_acc:.4f} | "
-            f"{record['train_images_per_s']:.1f} img/s, {record['train_seconds']:.0f} s"
+            f"acc {record['train_accuracy']:.4f} | val loss {val_loss:.4f} acc {val_acc:.4f}{note} | "
+            f"{record['train_images_per_s']:.1f} img/s, {record['epoch_seconds']:.0f} s"
         )
 
     def select(self, record: dict[str, Any]) -> None:
-        """Keep the epoch's weights if they beat the best candidate so far; count epochs without it."""
+        """Keep the epoch's weights if they beat the best candidate so far; count epochs without it.
+
+        A strategy that keeps the last epoch (the article's) takes every epoch and never stops early.
+        """
         state, result = self.state, self.result
+        if not self.strategy.keeps_best:
+            result.best_epoch, result.best_val_accuracy = record["epoch"], record["val_accuracy"]
+            result.best_val_loss = record["val_loss"]
+            return
         if state.best_state is None or is_better(record["val_accuracy"], record["val_loss"], result):
             result.best_epoch, result.best_val_accuracy = record["epoch"], record["val_accuracy"]
             result.best_val_loss = record["val_loss"]
@@ -530,7 +602,7 @@ class FitLoop:
                 log(f"stopping in epoch {epoch} after {record['images']} images: the time budget's deadline passed")
                 result.stopped_early = True
             elif (not self.hard_deadline and epoch < self.epochs
-                  and self.clock() + record["train_seconds"] > self.deadline):
+                  and self.clock() + record["epoch_seconds"] > self.deadline):
                 log(f"stopping after epoch {epoch}: another epoch would pass the time limit")
                 result.stopped_early = True
         for callback in self.callbacks:

@@ -23,6 +23,7 @@ from imgclf import distributed
 from imgclf.config import TrainConfig, resolve_config, save_yaml, with_default_budget
 from imgclf.data.check import preflight
 from imgclf.data.dataset import Dataset, ImageSet
+from imgclf.data.decisions import apply_decisions
 from imgclf.data.pipeline import ImageStore, Preprocessing, Store, normalize
 from imgclf.data.sources import load_dataset, stratified_split
 from imgclf.errors import ConfigError
@@ -30,12 +31,13 @@ from imgclf.models.backbones import Backbone, create_backbone, resolve_backbone
 from imgclf.models.classifier import ImageClassifier
 from imgclf.progress import log
 from imgclf.runtime import FrozenForward, StorePredictions, compute_dtype, pick_device, run_frozen
-from imgclf.training.article import DEFAULT_SEED_EPOCHS, build_seed_model, fit_seed, seed_meta, seed_setup
+from imgclf.training.article import DEFAULT_SEED_EPOCHS, build_seed_model, fit_article, seed_meta, seed_setup
 from imgclf.training.balance import balanced_class_weights
 from imgclf.training.checkpoint import Checkpointer, open_checkpointer
 from imgclf.training.eval_size import choose_eval_size
 from imgclf.training.feature_cache import LazyForward, cache_for, cached_features, cached_probe
 from imgclf.training.finetune import Callback, fit
+from imgclf.training.multilabel import fit_multilabel_probe, multilabel_loss
 from imgclf.training.precision import training_dtype
 from imgclf.training.probe import PATH_STOP_DROP, STD_FLOOR, fit_probe
 from imgclf.training.reproducible import make_deterministic
@@ -223,6 +225,7 @@ def run_training(cfg: TrainConfig, out: Path) -> TrainingRun:
 def _load_data(cfg: TrainConfig) -> tuple[Dataset, list[dict[str, str]]]:
     """The dataset, after the pre-flight scan; and the files it dropped as unreadable."""
     dataset = load_dataset(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    dataset = apply_decisions(dataset, exclude=cfg.exclude, relabel=cfg.relabel)  # imgclf review's (no-op without)
     # Decode every file once up front: unreadable ones are dropped (or too many stop the run) now,
     # not discovered in epoch 7.
     dataset, unreadable = preflight(dataset, max_bad_fraction=cfg.max_bad_fraction, workers=cfg.workers,
@@ -366,8 +369,9 @@ def _fit(
         epochs = DEFAULT_SEED_EPOCHS if cfg.epochs is None else cfg.epochs
         if cfg.time_budget_minutes and deadline is not None:
             deadline -= _seed_closing_seconds(model, stores, cfg, device)
-        seed_history = fit_seed(model, stores["train"], stores["val"], cfg, epochs=epochs, device=device,
-                                dtype=dtype, deadline=deadline)
+        seed_history = fit_article(model, stores["train"], stores["val"], cfg, epochs=epochs, device=device,
+                                   dtype=dtype, deadline=deadline, callbacks=callbacks,
+                                   clock=distributed.clock).history
         scored = _predict_splits(model, stores, cfg, device, len(dataset.classes))
         return _Fitted(model.cpu().eval(), {}, seed_history, stores, scored, prep)
     predictions: dict[str, StorePredictions] = {}
@@ -444,24 +448,30 @@ def _fit_head(
         head_store = head_store.subset(subset)
     train_x, train_y, _ = frozen_features(forward, head_store, batch_size=cfg.batch_size, desc="features train")
     val_x, val_y, val_at = frozen_features(forward, stores["val"], batch_size=cfg.batch_size, desc="features val")
-    weight = balanced_class_weights(train_y, len(dataset.classes)) if cfg.balance else None
+    multilabel = dataset.multilabel  # a sigmoid per label, chosen by val mAP (training.multilabel)
+    weight = balanced_class_weights(train_y, len(dataset.classes)) if cfg.balance and not multilabel else None
     # Fine-tuning goes on minimising the label-smoothed loss: the head starts at that loss's optimum.
-    smoothing = cfg.label_smoothing if finetune else 0.0
+    smoothing = cfg.label_smoothing if finetune and not multilabel else 0.0
     probe, reused = cached_probe(
-        lambda: fit_probe(train_x, train_y, val_x, val_y, len(dataset.classes), cfg.probe_l2, class_weight=weight,
-                          label_smoothing=smoothing),
+        (lambda: fit_multilabel_probe(train_x, train_y, val_x, val_y, cfg.probe_l2)) if multilabel else
+        (lambda: fit_probe(train_x, train_y, val_x, val_y, len(dataset.classes), cfg.probe_l2, class_weight=weight,
+                           label_smoothing=smoothing)),
         cache, inputs=[train_x, train_y, val_x, val_y, weight],
         settings={"classes": len(dataset.classes), "l2": sorted(cfg.probe_l2), "stop": PATH_STOP_DROP,
-                  "std_floor": STD_FLOOR, **({"label_smoothing": smoothing} if smoothing else {})},
+                  "std_floor": STD_FLOOR, **({"label_smoothing": smoothing} if smoothing else {}),
+                  **({"task": "multi-label"} if multilabel else {})},
     )
-    log(f"linear probe: val accuracy {probe.val_accuracy:.4f} (L2 {probe.l2:g}; "
+    log(f"linear probe: val {'mAP' if multilabel else 'accuracy'} {probe.val_accuracy:.4f} (L2 {probe.l2:g}; "
         + ", ".join(f"{k:g}: {v:.3f}" for k, v in sorted(probe.scores.items())) + ")"
         + ("; the head fitted on these same features before, from the cache" if reused else ""))
     model = ImageClassifier(backbone.model, probe.head)
     with torch.no_grad():  # the probe's scores in the terms fine-tuning's epochs are chosen by (see finetune.fit)
         val_logits = probe.head(val_x) if len(val_y) else torch.zeros(0, len(dataset.classes))
-        val_loss = float(nn.functional.cross_entropy(val_logits, val_y)) if len(val_y) else 0.0
-        val_accuracy = float((val_logits.argmax(1) == val_y).float().mean()) if len(val_y) else 0.0
+        if multilabel:  # the "accuracy" that selection compares is val mAP for a multi-label head
+            val_loss, val_accuracy = float(multilabel_loss(val_logits, val_y)), probe.val_accuracy
+        else:
+            val_loss = float(nn.functional.cross_entropy(val_logits, val_y)) if len(val_y) else 0.0
+            val_accuracy = float((val_logits.argmax(1) == val_y).float().mean()) if len(val_y) else 0.0
     probe_info = {"l2": probe.l2, "val_accuracy": probe.val_accuracy,
                   "scores": {f"{k:g}": v for k, v in probe.scores.items()}, "images": len(train_y),
                   "label_smoothing": smoothing, "selection": {"val_loss": val_loss, "val_accuracy": val_accuracy}}
