@@ -14,7 +14,9 @@ from imgclf.data.pipeline import ImageStore
 from imgclf.data.sources import collect_images, load_eval_split
 from imgclf.evaluation.calibration import softmax
 from imgclf.evaluation.metrics import classification_metrics, plot_confusion
+from imgclf.evaluation.multilabel import multilabel_metrics
 from imgclf.evaluation.tta import collect_predictions, tta_summary
+from imgclf.files import atomic_write_text
 
 __all__ = ["collect_images", "evaluate", "load"]  # collect_images: the data layer's, for the CLI
 
@@ -38,6 +40,7 @@ def evaluate(
     runtime: str = "auto",
     write: bool = True,
     tta: bool = False,
+    threshold: float | None = None,
 ) -> dict[str, Any]:
     """Score a bundle on DATA: the test split when DATA has one, else all of its images.
 
@@ -45,11 +48,18 @@ def evaluate(
     augmentation (the image and its mirror averaged; see imgclf.evaluation.tta). Writes `evaluation.json` and
     `confusion_matrix.png` into the bundle folder unless `write` is False.
 
+    A multi-label bundle needs a `path,labels` CSV and is scored by `evaluation.multilabel`
+    (mAP, micro/macro F1, subset accuracy, Hamming loss, per-label scores) at its stored
+    per-label thresholds, or at `threshold` for every label; it writes `evaluation.json` only.
+
     Example:
         >>> imgclf.evaluate("runs/pets", "pets/")["accuracy"]  # doctest: +SKIP
         0.94
     """
     model = Model.load(model_dir)
+    if model.multilabel:
+        return _evaluate_multilabel(model, Path(model_dir), data, batch_size=batch_size, runtime=runtime,
+                                    write=write, threshold=threshold)
     images, split = load_eval_split(data, model.classes)
     store = ImageStore.decode(images, model.preprocessing, memory_budget=0, description="decode")
     tta_metrics = None
@@ -76,4 +86,18 @@ def evaluate(
             f"{data} ({split}): accuracy {metrics['accuracy']:.3f}",
         )
         metrics["confusion_matrix_png"] = str(png)
+    return metrics
+
+
+def _evaluate_multilabel(
+    model: Model, folder: Path, data: str, *, batch_size: int, runtime: str, write: bool, threshold: float | None
+) -> dict[str, Any]:
+    images, split = load_eval_split(data, model.classes, multilabel=True)
+    store = ImageStore.decode(images, model.preprocessing, memory_budget=0, description="decode")
+    probs, targets = model.predict_store(store, batch_size=batch_size, runtime=runtime, desc="evaluate")
+    metrics = multilabel_metrics(probs, targets, model.classes, model.thresholds(threshold))
+    metrics.update(data=str(data), split=split, threshold_source="--threshold" if threshold is not None else "bundle",
+                   skipped_files=[{"path": p, "reason": r} for p, r in store.failed])
+    if write:
+        atomic_write_text(folder / "evaluation.json", json.dumps(metrics, indent=2))
     return metrics

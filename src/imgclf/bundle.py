@@ -68,6 +68,10 @@ class BundleInfo:
     head: dict[str, Any]  # the head's description for `models.classifier.build_head`
     preprocessing: Preprocessing
     recipe: str = "finetune"
+    # "multi-label": a sigmoid per label, predicted when over its threshold (evaluation.multilabel);
+    # bundles without the field are single-label (softmax over the classes).
+    task: str = "single-label"
+    thresholds: list[float] | None = None  # multi-label: one per class, chosen on val for the best F1
     temperature: float = 1.0  # predict divides the logits by it (fitted on val by training)
     calibration: dict[str, Any] | None = None  # how the temperature was fitted; None in bundles before 2026-11-30
     metrics: dict[str, dict[str, Any]] = field(default_factory=dict)  # split -> metrics
@@ -102,18 +106,27 @@ class BundleInfo:
 
 @dataclass
 class Prediction:
-    """The top-k classes for one image, best first; `error` is set when the image was unreadable."""
+    """The top-k classes for one image, best first; `error` is set when the image was unreadable.
+
+    A multi-label model also sets `labels`: every label whose probability reaches its threshold,
+    most probable first (empty: none of these). `label` is then the first of them, or None.
+    """
 
     source: str
     top_k: list[tuple[str, float]]
     error: str | None = None
+    labels: list[tuple[str, float]] | None = None  # multi-label only
 
     @property
     def label(self) -> str | None:
+        if self.labels is not None:
+            return self.labels[0][0] if self.labels else None
         return self.top_k[0][0] if self.top_k else None
 
     @property
     def probability(self) -> float | None:
+        if self.labels is not None:
+            return self.labels[0][1] if self.labels else None
         return self.top_k[0][1] if self.top_k else None
 
     def to_dict(self) -> dict[str, Any]:
@@ -121,6 +134,7 @@ class Prediction:
             "source": self.source,
             "label": self.label,
             "probability": self.probability,
+            **({"labels": [{"label": c, "probability": p} for c, p in self.labels]} if self.labels is not None else {}),
             "top_k": [{"label": c, "probability": p} for c, p in self.top_k],
             "error": self.error,
         }
@@ -155,6 +169,31 @@ class Model:
     @property
     def temperature(self) -> float:
         return float(self.meta.get("temperature", 1.0))
+
+    @property
+    def multilabel(self) -> bool:
+        """True for a multi-label bundle: sigmoid probabilities, per-label thresholds."""
+        return self.meta.get("task") == "multi-label"
+
+    def thresholds(self, override: float | None = None) -> np.ndarray:
+        """The per-class thresholds a multi-label model predicts with (`override` replaces them all).
+
+        Example:
+            >>> model.thresholds().tolist(), model.thresholds(0.3).tolist()  # doctest: +SKIP
+            ([0.41, 0.62], [0.3, 0.3])
+        """
+        stored = self.meta.get("thresholds")
+        if override is not None:
+            return np.full(len(self.classes), float(override))
+        if stored is not None and len(stored) == len(self.classes):
+            return np.asarray(stored, dtype=np.float64)
+        return np.full(len(self.classes), 0.5)  # a multi-label bundle written without thresholds
+
+    def _to_probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Softmax over the classes (with the temperature), or a sigmoid per label (multi-label)."""
+        if self.multilabel:
+            return torch.sigmoid(logits.float())
+        return torch.softmax(logits / self.temperature, dim=1)
 
     # -- persistence -----------------------------------------------------------------------
 
@@ -228,7 +267,7 @@ class Model:
     def probabilities(self, batch: torch.Tensor, *, runtime: str = "auto") -> torch.Tensor:
         """uint8 N x 3 x S x S (already resized) -> N x C probabilities."""
         logits = self.forward_function(runtime)(normalize(batch, self.preprocessing))
-        return torch.softmax(logits / self.temperature, dim=1)
+        return self._to_probabilities(logits)
 
     def predict_store(
         self, store: ImageStore, *, batch_size: int = 64, runtime: str = "auto", desc: str = "predict"
@@ -239,7 +278,7 @@ class Model:
         )
         if len(logits) == 0:
             return np.zeros((0, len(self.classes)), dtype=np.float32), labels.numpy()
-        return torch.softmax(logits / self.temperature, dim=1).numpy(), labels.numpy()
+        return self._to_probabilities(logits).numpy(), labels.numpy()
 
     def predict(
         self,
@@ -248,8 +287,12 @@ class Model:
         top_k: int = 5,
         batch_size: int = 64,
         runtime: str = "auto",
+        threshold: float | None = None,
     ) -> list[Prediction]:
         """Top-k predictions for image files or PIL images. Unreadable files get `error` set.
+
+        A multi-label model also lists every label over its threshold (`Prediction.labels`);
+        `threshold` replaces the stored per-label thresholds with one for all labels.
 
         Example:
             >>> [p.label for p in imgclf.load("runs/pets").predict(["a.jpg", "b.png"])]  # doctest: +SKIP
@@ -269,7 +312,7 @@ class Model:
             probs, kept = self.predict_store(store, batch_size=batch_size, runtime=runtime)
             for row, position in zip(probs, kept, strict=False):
                 i, path = files[int(position)]
-                results[i] = Prediction(path, self.top_classes(row, top_k))
+                results[i] = self._prediction(path, row, top_k, threshold)
             failed = dict(store.failed)
             for i, path in files:
                 if results[i] is None:
@@ -283,7 +326,7 @@ class Model:
             chunks = [batch[j : j + batch_size] for j in range(0, len(batch), batch_size)]
             probs_t = torch.cat([self.probabilities(chunk, runtime=runtime) for chunk in chunks]).numpy()
             for (i, _), row in zip(pil, probs_t, strict=False):
-                results[i] = Prediction(f"<image {i}>", self.top_classes(row, top_k))
+                results[i] = self._prediction(f"<image {i}>", row, top_k, threshold)
         missing = [i for i, r in enumerate(results) if r is None]
         if missing:
             raise BundleError(
@@ -291,6 +334,22 @@ class Model:
                 expected="file paths or PIL images",
             )
         return [r for r in results if r is not None]
+
+    def _prediction(self, source: str, row: np.ndarray, top_k: int, threshold: float | None) -> Prediction:
+        if not self.multilabel:
+            return Prediction(source, self.top_classes(row, top_k))
+        return Prediction(source, self.top_classes(row, top_k), labels=self.labels_over(row, threshold))
+
+    def labels_over(self, probabilities: np.ndarray, threshold: float | None = None) -> list[tuple[str, float]]:
+        """Multi-label: every label whose probability reaches its threshold, most probable first.
+
+        Example:
+            >>> model.labels_over(np.array([0.9, 0.2, 0.7]))  # doctest: +SKIP
+            [('cat', 0.9), ('fish', 0.7)]
+        """
+        over = np.flatnonzero(probabilities >= self.thresholds(threshold))
+        order = over[np.argsort(-probabilities[over], kind="stable")]
+        return [(self.classes[j], float(probabilities[j])) for j in order]
 
     def top_classes(self, probabilities: np.ndarray, k: int) -> list[tuple[str, float]]:
         """The `k` most probable classes (at least one, at most all) of one image, best first.

@@ -18,6 +18,7 @@ from imgclf.bundle import Model
 from imgclf.config import TrainConfig
 from imgclf.evaluation.calibration import calibrate, softmax
 from imgclf.evaluation.metrics import classification_metrics
+from imgclf.evaluation.multilabel import TASK, choose_thresholds, multilabel_metrics, sigmoid
 from imgclf.progress import log, log_to_file
 from imgclf.report.build import report_after_training
 from imgclf.runtime import pick_device
@@ -60,13 +61,17 @@ def _train(cfg: TrainConfig, out: Path) -> Model:
     _write_run_files(run, out)
     report_after_training(trained, run.dataset, out, stores=run.stores, predictions=run.predictions,
                           batch_size=cfg.batch_size, device=cfg.device)
-    summary = ", ".join(f"{k} accuracy {v['accuracy']:.4f}" for k, v in trained.meta["metrics"].items())
+    summary = ", ".join(f"{k} mAP {v['mAP']:.4f}" if "mAP" in v else f"{k} accuracy {v['accuracy']:.4f}"
+                        for k, v in trained.meta["metrics"].items())
     log(f"done in {time.perf_counter() - run.started:.0f} s: {summary}; bundle in {out}")
     return trained
 
 
 def bundle_meta(run: TrainingRun) -> dict[str, Any]:
-    """The run's description plus its scores on val and test and the temperature fitted on val."""
+    """The run's description plus its scores on val and test and the temperature fitted on val
+    (multi-label: the per-label thresholds chosen on val instead)."""
+    if run.dataset.multilabel:
+        return _multilabel_meta(run)
     metrics = {split: classification_metrics(softmax(scored.logits), scored.labels, run.classes)
                for split, scored in run.predictions.items()}
     val = run.predictions["val"]  # every run scores val (an empty split gives T = 1)
@@ -74,6 +79,21 @@ def bundle_meta(run: TrainingRun) -> dict[str, Any]:
     log(f"temperature {calibration['temperature']:.3f} fitted on {calibration['images']} val images"
         + ("" if calibration["usable"] else f" (fit at a bound, {calibration['fitted_temperature']:.3g}: kept 1)"))
     return {**run.meta, "metrics": metrics, "temperature": calibration["temperature"], "calibration": calibration,
+            "wall_seconds": round(time.perf_counter() - run.started, 1)}
+
+
+def _multilabel_meta(run: TrainingRun) -> dict[str, Any]:
+    """A multi-label run's bundle description: per-label thresholds chosen on val (best F1 each),
+    and val and test scored with them. No temperature: it is a softmax's; the sigmoids keep T = 1
+    (their calibration per label is in the report)."""
+    val = run.predictions["val"]
+    thresholds = choose_thresholds(sigmoid(val.logits), val.labels)
+    metrics = {split: multilabel_metrics(sigmoid(scored.logits), scored.labels, run.classes, thresholds)
+               for split, scored in run.predictions.items()}
+    log("thresholds chosen on val (best F1 per label): "
+        + ", ".join(f"{c} {t:.2f}" for c, t in zip(run.classes[:12], thresholds, strict=False))
+        + (" ..." if len(run.classes) > 12 else ""))
+    return {**run.meta, "task": TASK, "thresholds": thresholds, "metrics": metrics, "temperature": 1.0,
             "wall_seconds": round(time.perf_counter() - run.started, 1)}
 
 
