@@ -9,12 +9,19 @@ imgclf.
 Every export is checked against the eager PyTorch model on real images: the largest absolute
 difference of the probabilities must stay within a tolerance (1e-3 by default, for fp32). An export
 that fails the check is deleted and an `ExportError` says by how much it missed.
+
+int8 (`export_int8`, `imgclf export --int8`) is checked differently, since int8 never matches fp32
+to 1e-3: `imgclf.quantize` measures top-1 on the bundle's validation split against the default
+runtime and refuses a drop over `max_drop` points. A passing model is written inside the bundle
+(`BUNDLE/int8/`, see `imgclf.runtime.int8`), where `predict --runtime openvino-int8` finds it; a
+refused one leaves every file as it was.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -28,6 +35,9 @@ from torch import nn
 
 from imgclf.bundle import BUNDLE_JSON, Model
 from imgclf.errors import ExportError, ImgclfError
+from imgclf.files import TEMP_PREFIX, atomic_write_text, move_into_place
+from imgclf.quantize import CALIBRATION_IMAGES, DEFAULT_MAX_DROP, Quantized, check_installed, gate_data, quantize_model
+from imgclf.runtime.int8 import INT8_FILES, bundle_weights_sha256, int8_model_path, sidecar_path
 from imgclf.runtime.onnx import INPUT_NAME, OUTPUT_NAME, module_to_onnx, onnx_session
 from imgclf.version import __version__
 
@@ -124,8 +134,101 @@ def export_model(
             fix="report this as a bug with the backbone name; --tolerance raises the limit if you accept the gap",
         )
     sidecar = path.with_name(path.name + ".json")
-    sidecar.write_text(json.dumps(_sidecar(model, format, path, report), indent=2), encoding="utf-8")
+    description = _sidecar(model, format, path, {"parity": report.to_dict()})
+    sidecar.write_text(json.dumps(description, indent=2), encoding="utf-8")
     return ExportResult(format, path, sidecar, report)
+
+
+@dataclass
+class Int8ExportResult:
+    format: str
+    path: Path
+    sidecar: Path
+    quantized: Quantized  # the gate's figures, the speed and the file sizes
+    in_bundle: bool  # written where `--runtime openvino-int8` / `onnx-int8` finds it
+
+
+def export_int8(
+    model: Model | str | Path,
+    *,
+    format: str,
+    out: str | Path | None = None,
+    calibration: str | None = None,
+    calibration_images: int = CALIBRATION_IMAGES,
+    max_drop: float = DEFAULT_MAX_DROP,
+    accuracy_aware: bool = False,
+) -> Int8ExportResult:
+    """Quantize a bundle to int8 and keep it only if its validation top-1 is within `max_drop` points.
+
+    Args:
+        model: a bundle folder (or a `Model` loaded from one).
+        format: "openvino" (NNCF) or "onnx" (ONNX Runtime static quantization).
+        out: the model file to write; default `BUNDLE/int8/model.xml` or `model.onnx`, where
+            `predict --runtime openvino-int8` / `onnx-int8` look for it.
+        calibration: images to calibrate on (DATA, or a folder of images); default a seeded subset
+            of the bundle's training split.
+        calibration_images: at most this many calibration images.
+        max_drop: the largest allowed drop of validation top-1, in percentage points.
+        accuracy_aware: use NNCF's `quantize_with_accuracy_control` (slower: it validates many times).
+
+    Raises:
+        GateError: the drop was over `max_drop`; nothing was written or removed.
+        ExportError: a bad format or path, missing libraries, or the training data is gone.
+
+    Example:
+        >>> result = export_int8("runs/pets", format="openvino")  # doctest: +SKIP
+        >>> result.quantized.gate.drop_points, result.path.name  # doctest: +SKIP
+        (0.2, 'model.xml')
+    """
+    if format not in INT8_FILES:
+        raise ExportError(f"int8 export is not available for {format!r}", expected=", ".join(INT8_FILES))
+    check_installed(format)
+    bundle_dir = model.folder if isinstance(model, Model) else Path(model)
+    if bundle_dir is None:
+        raise ExportError("int8 export needs a model loaded from its bundle folder", fix="pass the folder")
+    model = model if isinstance(model, Model) else Model.load(bundle_dir)
+    path = _output_path(out, bundle_dir, format) if out is not None else int8_model_path(bundle_dir, format)
+    data = gate_data(model, calibration=calibration, calibration_images=calibration_images)
+    created = not path.parent.exists()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with tempfile.TemporaryDirectory(prefix=TEMP_PREFIX, dir=path.parent) as work:
+            quantized = quantize_model(model, format, data, Path(work), max_drop=max_drop,
+                                       accuracy_aware=accuracy_aware, bundle_name=str(bundle_dir))
+            sidecar = _place_int8(model, quantized, path, bundle_dir)
+    except BaseException:
+        if created and not any(path.parent.iterdir()):
+            path.parent.rmdir()  # a refused first export leaves no empty int8/ behind
+        raise
+    in_bundle = path.resolve() == int8_model_path(bundle_dir, format).resolve()
+    return Int8ExportResult(format, path, sidecar, quantized, in_bundle)
+
+
+def _place_int8(model: Model, quantized: Quantized, path: Path, bundle_dir: Path) -> Path:
+    """Move the int8 files from the working folder onto `path`; the sidecar, the commit mark, last.
+
+    The old sidecar goes first, so no reader pairs the new model with the old gate record.
+    """
+    sidecar = sidecar_path(path)
+    sidecar.unlink(missing_ok=True)
+    pairs = [(quantized.path, path)]
+    if quantized.format == "openvino":  # the .bin before the .xml that names it
+        pairs.insert(0, (quantized.path.with_suffix(".bin"), path.with_suffix(".bin")))
+    for source, target in pairs:
+        move_into_place(source, target)
+    q = quantized
+    int8 = {
+        "method": q.gate.method,
+        "bundle_weights_sha256": bundle_weights_sha256(bundle_dir),
+        "gate": q.gate.to_dict(),
+        "speed": q.speed.to_dict(),
+        "calibration": q.calibration,
+        "file_bytes": {"fp32": q.fp32_bytes, "int8": q.int8_bytes, "ratio": round(q.int8_bytes / q.fp32_bytes, 4)},
+        "precision_hint": "f32",  # OpenVINO runs the operations left in floating point in fp32
+    }
+    description = _sidecar(model, quantized.format, path, {"int8": int8})
+    atomic_write_text(sidecar, json.dumps(description, indent=2))
+    return sidecar
 
 
 # --------------------------------------------------------------------------------------------
@@ -307,10 +410,11 @@ def _artefacts(path: Path, format: str) -> list[Path]:
     return [path, path.with_suffix(".bin")] if format == "openvino" else [path]
 
 
-def _sidecar(model: Model, format: str, path: Path, report: ParityReport) -> dict[str, Any]:
+def _sidecar(model: Model, format: str, path: Path, checks: dict[str, Any]) -> dict[str, Any]:
+    """The export's description; `checks` holds how it was checked ("parity", or "int8" and its gate)."""
     size = model.preprocessing.image_size
     versions = {"imgclf": __version__, "torch": torch.__version__}
-    for name in ("onnxruntime", "openvino"):
+    for name in ("onnxruntime", "openvino", "nncf"):
         try:
             versions[name] = __import__(name).__version__
         except ImportError:
@@ -326,7 +430,7 @@ def _sidecar(model: Model, format: str, path: Path, report: ParityReport) -> dic
         "classes": model.classes,
         "temperature": model.temperature,
         "preprocessing": model.preprocessing.to_dict(),
-        "parity": report.to_dict(),
+        **checks,
         "source_bundle": BUNDLE_JSON,
         "backbone": model.meta.get("backbone", {}),
         "versions": versions,
