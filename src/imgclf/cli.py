@@ -156,7 +156,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument("data", metavar="DATA")
     p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--runtime", choices=["auto", "torch", "openvino"], default="auto")
+    p.add_argument("--runtime", choices=["auto", "torch", "openvino", "openvino-int8", "onnx-int8"], default="auto",
+                   help="*-int8: the bundle's int8 model (imgclf export DIR --int8), to check it")
     p.add_argument("--tta", action="store_true", help="also score the image + its mirror averaged (2x the cost)")
     p.set_defaults(handler=cmd_evaluate)
 
@@ -203,7 +204,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--format", choices=["table", "json", "csv"], default="table")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--runtime", choices=["auto", "torch", "onnx", "openvino"], default="auto")
+    p.add_argument("--runtime", choices=["auto", "torch", "onnx", "openvino", "openvino-int8", "onnx-int8"],
+                   default="auto", help="*-int8: the bundle's int8 model, written by imgclf export DIR --int8")
     p.set_defaults(handler=cmd_predict)
 
 
