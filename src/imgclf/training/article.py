@@ -29,8 +29,6 @@ It trains in the same loop as the default recipe (`finetune.FitLoop`), as a stra
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -43,7 +41,7 @@ from imgclf.models.article import create_conv_base
 from imgclf.models.backbones import Backbone
 from imgclf.models.classifier import ImageClassifier, build_head
 from imgclf.progress import log
-from imgclf.training.finetune import Callback, FitResult, WarmupCosine, fit
+from imgclf.training.finetune import FitResult, WarmupCosine, fit
 
 DEFAULT_SEED_EPOCHS = 30  # room for the plateau scheduler to act twice (see PLATEAU); Keras' fit
 # has no early stopping, and the article adds none.
@@ -256,19 +254,12 @@ class ArticleStrategy:
 
 
 def fit_article(
-    model: ImageClassifier,
-    train_store: Store,
-    val_store: Store,
-    cfg: TrainConfig,
-    *,
-    epochs: int,
-    device: torch.device,
-    dtype: torch.dtype,
-    deadline: float | None = None,
-    callbacks: Sequence[Callback] = (),
-    clock: Callable[[], float] = time.perf_counter,
+    model: ImageClassifier, train_store: Store, val_store: Store, cfg: TrainConfig, **options: Any
 ) -> FitResult:
     """Train the whole network like the article's (intended) `model.fit` (see `ArticleStrategy`).
+
+    `options` are `finetune.fit`'s (`epochs`, `device`, `dtype`, `deadline`, `callbacks`, `clock`);
+    the article's run has no checkpoints and no baseline.
 
     Training stops early only when `deadline` (a `clock()` value) would be passed by another epoch;
     under a time budget (`cfg.time_budget_minutes`) the deadline is hard: the epoch stops mid-way
@@ -280,5 +271,4 @@ def fit_article(
         ...                      dtype=torch.float32)  # doctest: +SKIP
         >>> result.history[-1]["val_accuracy"]  # doctest: +SKIP
     """
-    return fit(model, train_store, val_store, cfg, epochs=epochs, device=device, dtype=dtype, callbacks=callbacks,
-               deadline=deadline, clock=clock, strategy=ArticleStrategy())
+    return fit(model, train_store, val_store, cfg, strategy=ArticleStrategy(), **options)
