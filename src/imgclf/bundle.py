@@ -189,7 +189,7 @@ class Model:
             return np.asarray(stored, dtype=np.float64)
         return np.full(len(self.classes), 0.5)  # a multi-label bundle written without thresholds
 
-    def _to_probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+    def to_probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """Softmax over the classes (with the temperature), or a sigmoid per label (multi-label)."""
         if self.multilabel:
             return torch.sigmoid(logits.float())
@@ -267,7 +267,7 @@ class Model:
     def probabilities(self, batch: torch.Tensor, *, runtime: str = "auto") -> torch.Tensor:
         """uint8 N x 3 x S x S (already resized) -> N x C probabilities."""
         logits = self.forward_function(runtime)(normalize(batch, self.preprocessing))
-        return self._to_probabilities(logits)
+        return self.to_probabilities(logits)
 
     def predict_store(
         self, store: ImageStore, *, batch_size: int = 64, runtime: str = "auto", desc: str = "predict"
@@ -278,7 +278,7 @@ class Model:
         )
         if len(logits) == 0:
             return np.zeros((0, len(self.classes)), dtype=np.float32), labels.numpy()
-        return self._to_probabilities(logits).numpy(), labels.numpy()
+        return self.to_probabilities(logits).numpy(), labels.numpy()
 
     def predict(
         self,

@@ -367,8 +367,9 @@ def check_parity(
     """
     with torch.inference_mode():
         eager_logits = model.module.float().eval()(torch.from_numpy(batch))
-    eager = torch.softmax(eager_logits / model.temperature, dim=1).numpy()
-    exported = torch.softmax(torch.from_numpy(np.asarray(run(batch), dtype=np.float32)) / model.temperature, dim=1)
+    # The model's own output function: softmax with the temperature, or a sigmoid per label (multi-label).
+    eager = model.to_probabilities(eager_logits).numpy()
+    exported = model.to_probabilities(torch.from_numpy(np.asarray(run(batch), dtype=np.float32)))
     exported_np = exported.numpy()
     if exported_np.shape != eager.shape:
         raise ExportError(f"the export returns shape {exported_np.shape}, the eager model {eager.shape}")
@@ -426,9 +427,11 @@ def _sidecar(model: Model, format: str, path: Path, checks: dict[str, Any]) -> d
         "input": {"name": INPUT_NAME, "shape": ["batch", 3, size, size], "dtype": "float32",
                   "layout": "NCHW RGB, normalised as in preprocessing"},
         "output": {"name": OUTPUT_NAME, "shape": ["batch", len(model.classes)], "dtype": "float32",
-                   "probabilities": "softmax(logits / temperature)"},
+                   "probabilities": "sigmoid(logits); a label is present when >= its threshold"
+                   if model.multilabel else "softmax(logits / temperature)"},
         "classes": model.classes,
         "temperature": model.temperature,
+        **({"task": "multi-label", "thresholds": model.thresholds().tolist()} if model.multilabel else {}),
         "preprocessing": model.preprocessing.to_dict(),
         **checks,
         "source_bundle": BUNDLE_JSON,

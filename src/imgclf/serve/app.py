@@ -56,6 +56,7 @@ class ServeSettings:
     max_concurrency: int = 64  # requests decoding, queued or predicting; more get 503 at once
     retry_after_s: int = 1  # the Retry-After sent with 503
     max_batch: int = 64  # images per forward pass when queued requests are merged (micro-batching)
+    threshold: float | None = None  # multi-label: one threshold for every label instead of the bundle's
 
 
 class ApiError(HTTPException):
@@ -109,6 +110,16 @@ class Predictor:
 
     def top(self, row: np.ndarray) -> list[dict[str, Any]]:
         return [{"label": label, "probability": p} for label, p in self.model.top_classes(row, self.settings.top_k)]
+
+    def answer(self, name: str, row: np.ndarray) -> dict[str, Any]:
+        """One image's prediction; a multi-label model adds `labels`, every label over its threshold."""
+        top = self.top(row)
+        if not self.model.multilabel:
+            return {"source": name, "label": top[0]["label"], "probability": top[0]["probability"], "top_k": top}
+        over = self.model.labels_over(row, self.settings.threshold)
+        found = [{"label": label, "probability": p} for label, p in over]
+        return {"source": name, "label": found[0]["label"] if found else None,
+                "probability": found[0]["probability"] if found else None, "labels": found, "top_k": top}
 
 
 def create_app(model: Model, *, settings: ServeSettings | None = None) -> FastAPI:
@@ -206,6 +217,9 @@ async def metadata(request: Request) -> dict[str, Any]:
         "num_classes": len(model.classes),
         "preprocessing": model.preprocessing.to_dict(),
         "temperature": model.temperature,
+        "task": info.task,
+        **({"thresholds": dict(zip(model.classes, model.thresholds(predictor.settings.threshold).tolist(),
+                                   strict=True))} if model.multilabel else {}),
         "metrics": {split: {k: v for k, v in values.items() if isinstance(v, (int, float))}
                     for split, values in info.metrics.items()},
         "created": info.created,
@@ -240,11 +254,7 @@ async def predict(request: Request) -> dict[str, Any]:
     model_started = time.perf_counter()
     probs = await predictor.batcher.submit(batch)
     done = time.perf_counter()
-    predictions = []
-    for (name, _), row in zip(items, probs, strict=True):
-        top = predictor.top(row)
-        predictions.append({"source": name, "label": top[0]["label"], "probability": top[0]["probability"],
-                            "top_k": top})
+    predictions = [predictor.answer(name, row) for (name, _), row in zip(items, probs, strict=True)]
     return {
         "predictions": predictions,
         "runtime": predictor.runtime,

@@ -37,8 +37,10 @@ from imgclf.memory import training_heap
 from imgclf.models.classifier import ImageClassifier
 from imgclf.progress import log, progress
 from imgclf.runtime import FrozenForward, autocast, run_frozen
+from imgclf.training.averaging import WeightAverage
 from imgclf.training.balance import balanced_class_weights
 from imgclf.training.gpu import configure_cuda, place_store, run_with_batch_fallback, training_forward
+from imgclf.training.multilabel import MultilabelLoss, exact_matches, mean_average_precision, multilabel_loss
 
 
 class Callback(Protocol):
@@ -53,7 +55,7 @@ class FitResult:
 
     history: list[dict[str, Any]] = field(default_factory=list)
     best_epoch: int = 0  # 0: the starting model (the probe's head on the pretrained backbone) was kept
-    best_val_accuracy: float = 0.0
+    best_val_accuracy: float = 0.0  # the selection score: val accuracy, or val mAP for a multi-label head
     stopped_early: bool = False
     best_val_loss: float = math.inf
 
@@ -148,6 +150,8 @@ class LPFT:
 
     def criterion(self, model: ImageClassifier, train_store: Store, cfg: TrainConfig,
                   device: torch.device) -> nn.Module:
+        if train_store.labels.ndim == 2:  # multi-label: binary cross-entropy per label (training.multilabel)
+            return MultilabelLoss(reduction="sum" if distributed.active() else "mean")
         # --balance: weight each image by 1 / its class frequency, so small classes count as much.
         weight = balanced_class_weights(train_store.labels, model.num_classes).to(device) if cfg.balance else None
         # Under torchrun each rank sums its slice's losses (see train_one_epoch).
@@ -277,10 +281,16 @@ def evaluate_store(
 ) -> tuple[float, float, np.ndarray, np.ndarray]:
     """(mean cross-entropy, accuracy, probabilities, labels) of `model` on the images of `store`.
 
+    Multi-label (a label matrix): (mean binary cross-entropy per image, **mAP**, sigmoid
+    probabilities, labels); mAP takes accuracy's place as the score epochs are selected by.
     With `shard` under torchrun, each rank scores its block of the images and all get every number.
     """
     forward = FrozenForward(model, image_size=store.prep.image_size, device=device, precision=precision)
     all_logits, labels, _ = run_frozen(forward, store, batch_size=batch_size, desc="validate", shard=shard)
+    if labels.ndim == 2:
+        probabilities = torch.sigmoid(all_logits)
+        return (float(multilabel_loss(all_logits, labels)), mean_average_precision(probabilities, labels),
+                probabilities.numpy(), labels.numpy())
     loss = float(nn.functional.cross_entropy(all_logits, labels))
     acc = float((all_logits.argmax(1) == labels).float().mean())
     return loss, acc, torch.softmax(all_logits, 1).numpy(), labels.numpy()
@@ -311,9 +321,14 @@ def _forward_loss(
         loss = criterion(logits.float(), y)
     if sharded:  # this rank's share of the global batch's mean loss: the ranks' shares add up to it
         loss = loss / global_normaliser(criterion, labels)
-        loss_value, correct = distributed.all_sum([loss, (logits.argmax(1) == y).sum()])
+        loss_value, correct = distributed.all_sum([loss, _right(logits, y)])
         return loss, float(loss_value), int(correct)
-    return loss, loss.item(), int((logits.argmax(1) == y).sum())
+    return loss, loss.item(), int(_right(logits, y))
+
+
+def _right(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Images predicted right: the top class, or (multi-label) the whole label set at 0.5."""
+    return exact_matches(logits, labels) if labels.ndim == 2 else (logits.argmax(1) == labels).sum()
 
 
 def _non_finite(loss_value: float, epoch: int, step: int, indices: np.ndarray, store: Store) -> NonFiniteLossError:
@@ -482,6 +497,8 @@ class FitLoop:
         self.replan = BudgetReplan() if self.hard_deadline and max_epochs is not None else None
         self.criterion = strategy.criterion(model, self.train_store, cfg, device)
         self.augment = strategy.augmentation(cfg)
+        # --ema: the candidates scored on val are the moving average of the weights (training/averaging.py).
+        self.average = WeightAverage(model) if cfg.ema and strategy.keeps_best else None
         if checkpointer is not None:
             checkpointer.restore_fit(model, self.optimizer, self.scheduler, self.state, self.result)
         # Frozen BatchNorm statistics are the same on every rank: no need to broadcast them each step.
@@ -515,7 +532,8 @@ class FitLoop:
             return
         self.result.history.append({"epoch": 0, "model": "probe head, frozen backbone",
                                     "val_loss": self.baseline["val_loss"],
-                                    "val_accuracy": self.baseline["val_accuracy"]})
+                                    "val_accuracy": self.baseline["val_accuracy"],
+                                    **({"val_map": self.baseline["val_map"]} if "val_map" in self.baseline else {})})
         self.result.best_epoch, self.result.best_val_accuracy = 0, self.baseline["val_accuracy"]
         self.result.best_val_loss = self.baseline["val_loss"]
         self.state.best_state = copy.deepcopy(self.model.state_dict())
@@ -550,22 +568,28 @@ class FitLoop:
         """After every batch: the budget's re-plan early in epoch 1, and a checkpoint when one is due."""
         if self.replan is not None:
             self.replan.after_step(self)
+        if self.average is not None:
+            self.average.update(self.model, step=self.scheduler.last_epoch)  # LambdaLR counts the steps taken
         if self.checkpointer is not None and self.checkpointer.due():
             self.checkpointer.save_fit(self.model, self.optimizer, self.scheduler, self.state, self.result)
 
     def evaluate(self, record: dict[str, Any]) -> None:
         """Score the epoch's network on val (sharded under torchrun), let the strategy see it, log the line."""
         started = self.clock()
-        val_loss, val_acc, _, _ = evaluate_store(self.model, self.val_store, batch_size=self.cfg.batch_size,
+        val_loss, val_acc, _, _ = evaluate_store(self.candidate(), self.val_store, batch_size=self.cfg.batch_size,
                                                  device=self.device, precision=self.cfg.precision, shard=True)
         # What another epoch costs: its training (with any time before a resume) and this scoring.
         record.update(val_loss=val_loss, val_accuracy=val_acc,
                       epoch_seconds=record["train_seconds"] + self.clock() - started)
+        multilabel = self.val_store.labels.ndim == 2  # val_accuracy holds val mAP, the selection score
+        if multilabel:
+            record["val_map"] = val_acc
         note = self.strategy.after_validation(record, self.optimizer)
         self.result.history.append(record)
         log(
             f"epoch {record['epoch']}/{self.epochs}: train loss {record['train_loss']:.4f} "
-            f"acc {record['train_accuracy']:.4f} | val loss {val_loss:.4f} acc {val_acc:.4f}{note} | "
+            f"acc {record['train_accuracy']:.4f} | val loss {val_loss:.4f} {'mAP' if multilabel else 'acc'} "
+            f"{val_acc:.4f}{note} | "
             f"{record['train_images_per_s']:.1f} img/s, {record['epoch_seconds']:.0f} s"
         )
 
@@ -582,13 +606,17 @@ class FitLoop:
         if state.best_state is None or is_better(record["val_accuracy"], record["val_loss"], result):
             result.best_epoch, result.best_val_accuracy = record["epoch"], record["val_accuracy"]
             result.best_val_loss = record["val_loss"]
-            state.best_state = copy.deepcopy(self.model.state_dict())
+            state.best_state = copy.deepcopy(self.candidate().state_dict())
             state.since_best = 0
             return
         state.since_best += 1
         if state.since_best >= self.cfg.patience:
             log(f"stopping early: no better val accuracy for {self.cfg.patience} epoch(s)")
             result.stopped_early = True
+
+    def candidate(self) -> nn.Module:
+        """The network this epoch offers for selection: the weight average with --ema, else the weights."""
+        return self.average.module if self.average is not None else self.model
 
     def end_epoch(self, record: dict[str, Any]) -> None:
         """Move to the next epoch, checkpoint, stop at the deadline, tell the callbacks."""

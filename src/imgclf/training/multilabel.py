@@ -126,3 +126,36 @@ def fit_multilabel_probe(
         raise RuntimeError("no L2 strength was fitted")
     best.scores = scores
     return best
+
+
+class MultilabelLoss(nn.Module):
+    """`multilabel_loss` as a criterion for the fine-tuning loop (`finetune.LPFT.criterion`).
+
+    `reduction="mean"` divides the summed binary cross-entropy by the image count (nats per image);
+    `"sum"` leaves it summed, for torchrun, where each rank sums its slice and the loop divides by
+    the global batch's image count (`finetune.global_normaliser`: no `weight`, so the image count).
+
+    Example:
+        >>> round(float(MultilabelLoss()(torch.zeros(2, 3), torch.ones(2, 3))), 4)
+        2.0794
+    """
+
+    weight = None  # no class weights: `global_normaliser` then divides by the image count
+
+    def __init__(self, reduction: str = "mean") -> None:
+        super().__init__()
+        self.reduction = reduction
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        total = nn.functional.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="sum")
+        return total / max(len(targets), 1) if self.reduction == "mean" else total
+
+
+def exact_matches(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Images whose whole label set is right at probability 0.5 (logit 0): the training "accuracy".
+
+    Example:
+        >>> int(exact_matches(torch.tensor([[2.0, -1.0], [2.0, 1.0]]), torch.tensor([[1.0, 0.0], [1.0, 0.0]])))
+        1
+    """
+    return ((logits > 0) == (targets > 0.5)).all(dim=1).sum()

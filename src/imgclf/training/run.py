@@ -178,6 +178,10 @@ def run_training(cfg: TrainConfig, out: Path) -> TrainingRun:
         if cfg.tensorboard:
             callbacks.append(TensorBoardLog(out, first_epoch=len(checkpointer.resumed_history()) + 1))
     dataset, unreadable = _load_data(cfg)
+    if dataset.multilabel and cfg.recipe == "article":
+        raise ConfigError("--recipe article trains a softmax over single labels; this data is multi-label",
+                          expected="--recipe finetune (default) or probe for a path,labels CSV",
+                          fix="drop --recipe article")
     device = distributed.rank_device(pick_device(cfg.device))
     setup = _plan(cfg, dataset, device, started, recorded_dtype=checkpointer.training_dtype)
     checkpointer.training_dtype = str(setup.dtype).replace("torch.", "")
@@ -308,7 +312,8 @@ def selection_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "chosen": "probe" if chosen["epoch"] == 0 else f"epoch {chosen['epoch']}",
         "epoch": chosen["epoch"],
-        "rule": "the highest val accuracy, then the lowest val loss, over the probe's head (epoch 0) and every epoch",
+        "rule": f"the highest val {'mAP' if 'val_map' in chosen else 'accuracy'}, then the lowest val loss, over the "
+                "probe's head (epoch 0) and every epoch",
         "candidates": [{"epoch": r["epoch"], "val_accuracy": r.get("val_accuracy"), "val_loss": r.get("val_loss")}
                        for r in history],
     }
@@ -389,11 +394,12 @@ def _fit(
                      callbacks=callbacks, checkpointer=checkpointer, deadline=deadline, max_epochs=epoch_cap,
                      clock=distributed.clock, baseline=probe_info.get("selection"))
         history = result.history
+        score = "val mAP" if dataset.multilabel else "val accuracy"  # what finetune.fit selects by
         if result.best_epoch == 0:
-            log(f"kept the probe's head on the pretrained backbone: val accuracy {result.best_val_accuracy:.4f} "
+            log(f"kept the probe's head on the pretrained backbone: {score} {result.best_val_accuracy:.4f} "
                 "(no fine-tuned epoch scored better on val)")
         else:
-            log(f"best epoch {result.best_epoch}: val accuracy {result.best_val_accuracy:.4f}")
+            log(f"best epoch {result.best_epoch}: {score} {result.best_val_accuracy:.4f}")
         # The size search is for networks trained on random-resized crops; the probe's backbone never was.
         if cfg.test_time_size_search and cfg.augment == "standard" and result.best_epoch > 0:
             chosen, eval_size = choose_eval_size(
@@ -474,7 +480,8 @@ def _fit_head(
             val_accuracy = float((val_logits.argmax(1) == val_y).float().mean()) if len(val_y) else 0.0
     probe_info = {"l2": probe.l2, "val_accuracy": probe.val_accuracy,
                   "scores": {f"{k:g}": v for k, v in probe.scores.items()}, "images": len(train_y),
-                  "label_smoothing": smoothing, "selection": {"val_loss": val_loss, "val_accuracy": val_accuracy}}
+                  "label_smoothing": smoothing, "selection": {"val_loss": val_loss, "val_accuracy": val_accuracy,
+                                **({"val_map": val_accuracy} if multilabel else {})}}
     predictions: dict[str, StorePredictions] = {}
     if not finetune or cfg.epochs == 0:
         # The backbone will not change: score the probe's head on features already computed.

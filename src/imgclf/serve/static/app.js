@@ -44,7 +44,14 @@ function showError(message) {
 function showResults(prediction) {
   const list = $("results");
   list.replaceChildren();
-  for (const item of prediction.top_k) {
+  // A multi-label model answers `labels`: every label over its threshold (possibly none).
+  const items = prediction.labels ?? prediction.top_k;
+  if (prediction.labels && prediction.labels.length === 0) {
+    const li = document.createElement("li");
+    li.textContent = "no label over its threshold";
+    list.append(li);
+  }
+  for (const item of items) {
     const percent = (100 * item.probability).toFixed(1);
     const li = document.createElement("li");
     const row = document.createElement("div");
