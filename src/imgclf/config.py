@@ -72,6 +72,7 @@ class TrainConfig:
     # Share of all fine-tuning steps spent warming the lr up from 0, and at least
     # training.finetune.MIN_WARMUP_STEPS (a 2-epoch run on 1,437 digits has 46 steps: 5% is 2).
     warmup_fraction: float = 0.05
+    ema: bool = False  # score (and keep) a moving average of the weights: training/averaging.py
     patience: int = 3  # epochs without a better val accuracy before stopping early
     freeze_bn: bool = True  # keep BatchNorm statistics frozen while fine-tuning (Keras guide)
     augment: Literal["none", "light", "standard"] = "standard"  # batched random-resized crops
@@ -106,6 +107,9 @@ class TrainConfig:
     keep_checkpoints: bool = False  # keep out/checkpoints after a run that ended well (deleted by default)
     deterministic: bool = False  # deterministic kernels, fixed threads: same seed, same bits (slower)
     tensorboard: bool = False  # also write TensorBoard event files to out/tensorboard
+    # `imgclf review`'s decisions (data/decisions.py), applied in memory; the user's files are not touched.
+    exclude: str | None = None  # CSV: its `remove` rows (or every row of a label_issues.csv) are left out
+    relabel: str | None = None  # CSV: its `relabel` rows (or a label_issues.csv's suggested labels) are applied
 
     def __post_init__(self) -> None:
         self.recipe = canonical_recipe(self.recipe)  # type: ignore[assignment]  # validate rejects unknown ones
@@ -186,6 +190,12 @@ def validate(cfg: TrainConfig) -> None:
         (0 <= cfg.max_bad_fraction <= 1, "max_bad_fraction", "a fraction in [0, 1]"),
         (cfg.checkpoint_minutes >= 0, "checkpoint_minutes", "a number of minutes >= 0"),
     ]
+    for name in ("exclude", "relabel"):  # the files are read with the data; a wrong path fails before that
+        value = getattr(cfg, name)
+        if value is not None and not Path(value).expanduser().is_file():
+            raise ConfigError(f"the --{name} file {value!r} does not exist",
+                              expected="a CSV exported from imgclf review's page, or its label_issues.csv",
+                              fix=f"check the --{name} path")
     for ok, name, expected in checks:
         if not ok:
             raise ConfigError(
