@@ -177,7 +177,7 @@ def test_single_label_data_is_refused_by_a_multilabel_model(multilabel_bundle: P
 def test_finetune_trains_a_sigmoid_head(multilabel_csv: Path, tmp_path: Path) -> None:
     model = imgclf.train(data=str(multilabel_csv), out=str(tmp_path / "ft"), backbone=TINY_BACKBONE,
                          random_init=True, epochs=1, image_size=32, batch_size=16, feature_cache=False,
-                         test_time_size_search=False)
+                         test_time_size_search=False, precision="fp32")
     history = model.info.history
     assert [r["epoch"] for r in history] == [0, 1]
     assert all("val_map" in r for r in history)  # selected on val mAP
@@ -225,3 +225,33 @@ def test_onnx_export_parity_and_thresholds(multilabel_bundle: Path, multilabel_c
     exported = [{sidecar["classes"][j] for j in np.flatnonzero(row)} for row in over]
     eager = [{n for n, _ in p.labels or []} for p in model.predict([str(f) for f in files], runtime="torch")]
     assert exported == eager
+
+
+def test_report_sections(multilabel_bundle: Path) -> None:
+    """Training wrote the multi-label report: its numbers agree with the bundle's, every section is there."""
+    folder = multilabel_bundle / "report"
+    report = json.loads((folder / "metrics.json").read_text())
+    model = imgclf.load(multilabel_bundle)
+    assert report["task"] == "multi-label" and report["split"] == "test"
+    assert report["metrics"]["mAP"] == pytest.approx(model.info.metrics["test"]["mAP"])
+    aps = [report["metrics"]["per_label"][n]["ap"] for n in report["worst_labels"]]
+    assert aps == sorted(aps)  # worst first
+    assert set(report["galleries"]) == set(NAMES)
+    for name, kinds in report["galleries"].items():
+        cut = model.thresholds()[model.classes.index(name)]
+        for item in kinds["false_positives"]:  # predicted (over the label's threshold) without the label
+            assert item["probability"] >= cut and name not in item["labels"] and name in item["predicted"]
+        for item in kinds["false_negatives"]:
+            assert item["probability"] < cut and name in item["labels"] and name not in item["predicted"]
+        probs = [i["probability"] for i in kinds["false_positives"]]
+        assert probs == sorted(probs, reverse=True)  # most confident first
+    co = report["error_co_occurrence"]
+    assert sum(co["false_positives"].values()) >= sum(p["images"] for p in co["pairs"][:1])
+    for name, cal in report["calibration"]["per_label"].items():
+        assert sum(b["count"] for b in cal["bins"]) == report["metrics"]["num_images"], name
+        assert 0.0 <= cal["ece"] <= 1.0
+    page = (folder / "report.html").read_text()
+    for title in ("Per label, worst average precision first", "Co-occurrence of errors", "false positives",
+                  "calibration"):
+        assert title in page
+    assert {"pr_curves.png", "reliability.png", "error_co_occurrence.png"} <= {p.name for p in folder.iterdir()}

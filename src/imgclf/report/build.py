@@ -32,6 +32,7 @@ from imgclf.evaluation.tta import collect_predictions, tta_summary
 from imgclf.progress import log
 from imgclf.report import figures
 from imgclf.report.html import render_report
+from imgclf.report.multilabel import write_multilabel_report
 from imgclf.runtime import FrozenForward, StorePredictions, pick_device
 
 REPORT_FOLDER = "report"  # inside the bundle folder, unless `out` is given
@@ -157,6 +158,10 @@ def build_report(
                 forward, stores[split], batch_size=batch_size, tta=tta, desc=f"report {split}")
         finally:
             model.module.cpu()  # Model's own forward path expects the module on the CPU
+    if model.multilabel:  # sigmoids and per-label thresholds, no temperature: its own report
+        return write_multilabel_report(model, scored, stores[split].images, folder=folder, split=split, data=data,
+                                       bundle_dir=bundle_dir, val_from_train=dataset.val_from_train,
+                                       skipped=list(model.info.skipped_files))
     # Training fitted the temperature on val and stored it in the bundle; the report only reads it.
     # A bundle from before that (no "calibration" record) is shown what fitting would give, unstored.
     info = model.info
