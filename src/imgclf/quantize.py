@@ -25,8 +25,10 @@ The layer "explain | quantize | review": above evaluation and the bundle, below 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -204,11 +206,17 @@ def gate_data(model: Model, *, calibration: str | None = None, calibration_image
 
 
 def _calibration_set(data: str) -> ImageSet:
-    """`--calibration DATA`: the training split of a dataset, else every image under a path (labels unused)."""
+    """`--calibration DATA`: the training images of a dataset (train and the share a run would hold out
+    for validation; never test), else every image under a path. Labels are not used."""
     try:
-        return load_dataset(data).train
+        dataset = load_dataset(data)
     except DataError:
-        pass  # not a labelled dataset: a plain folder (or list) of images is enough to calibrate
+        dataset = None  # not a labelled dataset: a plain folder (or list) of images is enough to calibrate
+    if dataset is not None:
+        train, val = dataset.train, dataset.val
+        arrays = None if train.arrays is None or val.arrays is None else np.concatenate([train.arrays, val.arrays])
+        return ImageSet(paths=train.paths + val.paths, labels=np.concatenate([train.labels, val.labels]),
+                        arrays=arrays)
     files = collect_images([data])
     if not files:
         raise ExportError(f"no images in --calibration {data!r}", expected="a folder of images, or DATA")
@@ -246,10 +254,10 @@ def quantize_model(model: Model, format: str, data: GateData, workdir: Path, *,
     method = METHODS[(format, accuracy_aware)]
     log(f"quantizing to int8 ({method}) on {len(data.calibration)} calibration images from {data.calibration_source}")
     started = time.perf_counter()
-    if format == "openvino":
-        path, fp32_bytes = _quantize_openvino(model, data, workdir, accuracy_aware=accuracy_aware, max_drop=max_drop)
-    else:
-        path, fp32_bytes = _quantize_onnx(model, data, workdir, accuracy_aware=accuracy_aware, max_drop=max_drop)
+    quantize = _quantize_openvino if format == "openvino" else _quantize_onnx
+    # NNCF draws its progress bars on stdout; they go to stderr with imgclf's, so stdout keeps only results.
+    with contextlib.redirect_stdout(sys.stderr):
+        path, fp32_bytes = quantize(model, data, workdir, accuracy_aware=accuracy_aware, max_drop=max_drop)
     log(f"quantized in {time.perf_counter() - started:.1f} s; measuring top-1 on {len(data.validation)} "
         "validation images")
     reference = model.forward_function("auto")
@@ -370,7 +378,10 @@ def _quantize_onnx(model: Model, data: GateData, workdir: Path, *, accuracy_awar
         if accuracy_aware:
             import onnx
 
-            quantized = _accuracy_aware(_quiet_nncf(), onnx.load(str(fp32)), data, max_drop, _onnx_top1)
+            from imgclf.runtime.onnx import INPUT_NAME
+
+            quantized = _accuracy_aware(_quiet_nncf(), onnx.load(str(fp32)), data, max_drop, _onnx_top1,
+                                        feed=lambda image: {INPUT_NAME: image})
             onnx.save(quantized, str(path))
         else:
             _onnxruntime_static(fp32, path, data.calibration, workdir)
@@ -412,13 +423,18 @@ class _CalibrationReader:
 
 
 def _accuracy_aware(nncf: Any, network: Any, data: GateData, max_drop: float,
-                    top1: Callable[[Any, Iterable[Any]], tuple[float, list[float]]]) -> Any:
-    """NNCF's `quantize_with_accuracy_control` with top-1 on the validation images as the metric."""
+                    top1: Callable[[Any, Iterable[Any]], tuple[float, list[float]]],
+                    feed: Callable[[np.ndarray], Any] | None = None) -> Any:
+    """NNCF's `quantize_with_accuracy_control` with top-1 on the validation images as the metric.
+
+    `feed` turns an image into the model's input (NNCF's ONNX backend wants {input name: array}).
+    """
     validation = data.validation
     items = [(image, int(label)) for image, label in zip(_normalized_images(validation),
                                                          validation.labels.tolist(), strict=True)]
+    calibration = nncf.Dataset(list(_normalized_images(data.calibration)), feed)
     return nncf.quantize_with_accuracy_control(
-        network, nncf.Dataset(list(_normalized_images(data.calibration))), nncf.Dataset(items), validation_fn=top1,
+        network, calibration, nncf.Dataset(items), validation_fn=top1,
         max_drop=max_drop / 100.0, drop_type=nncf.DropType.ABSOLUTE,  # NNCF's metric is 0..1, ours points
         subset_size=len(data.calibration), target_device=nncf.TargetDevice.CPU)
 

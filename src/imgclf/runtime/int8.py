@@ -113,9 +113,19 @@ def cpu_int8_flags() -> dict[str, bool]:
         ['AMX-INT8', 'AVX-VNNI', 'AVX512-VNNI']
     """
     try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        return int8_flags(Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace"))
     except OSError:
         return {}
+
+
+def int8_flags(cpuinfo: str) -> dict[str, bool]:
+    """`cpu_int8_flags` for the text of a /proc/cpuinfo.
+
+    Example:
+        >>> int8_flags("flags : fpu avx2 avx512_vnni avx512_bf16")
+        {'AVX512-VNNI': True, 'AVX-VNNI': False, 'AMX-INT8': False}
+    """
+    text = cpuinfo
     flags: set[str] = set()
     for line in text.splitlines():
         if line.startswith("flags"):  # every core lists the same flags: the first line is enough
