@@ -12,6 +12,7 @@ from typing import Any
 from imgclf.bundle import Model
 from imgclf.data.pipeline import ImageStore
 from imgclf.data.sources import collect_images, load_eval_split
+from imgclf.errors import ImgclfError
 from imgclf.evaluation.calibration import softmax
 from imgclf.evaluation.metrics import classification_metrics, plot_confusion
 from imgclf.evaluation.multilabel import multilabel_metrics
@@ -58,6 +59,8 @@ def evaluate(
     """
     model = Model.load(model_dir)
     if model.multilabel:
+        if tta:
+            raise ImgclfError("--tta is not available for multi-label models yet", fix="evaluate without --tta")
         return _evaluate_multilabel(model, Path(model_dir), data, batch_size=batch_size, runtime=runtime,
                                     write=write, threshold=threshold)
     images, split = load_eval_split(data, model.classes)

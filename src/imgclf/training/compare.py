@@ -26,6 +26,7 @@ from imgclf.models.backbones import create_backbone, list_backbones, offline_sta
 from imgclf.progress import log
 from imgclf.runtime import FrozenForward, compute_dtype, pick_device
 from imgclf.training.feature_cache import LazyForward, cache_for, cached_features
+from imgclf.training.multilabel import fit_multilabel_probe
 from imgclf.training.probe import fit_probe
 
 
@@ -106,7 +107,10 @@ def compare_backbones(
                 run_seconds += time.perf_counter() - pass_start
                 run_images += min(len(store), (forward.calls - calls) * batch_size)
         (train_x, train_y, _), (val_x, val_y, _) = outputs
-        probe = fit_probe(train_x, train_y, val_x, val_y, len(dataset.classes), list(DEFAULT_PROBE_L2))
+        if dataset.multilabel:  # its probe is scored by val mAP, which `val_accuracy` then holds
+            probe = fit_multilabel_probe(train_x, train_y, val_x, val_y, list(DEFAULT_PROBE_L2))
+        else:
+            probe = fit_probe(train_x, train_y, val_x, val_y, len(dataset.classes), list(DEFAULT_PROBE_L2))
         parameters = sum(p.numel() for p in backbone.model.parameters())
         row = Comparison(
             backbone=name, image_size=size, val_accuracy=probe.val_accuracy, l2=probe.l2,
@@ -114,7 +118,8 @@ def compare_backbones(
             weights_mb=sum(p.numel() * p.element_size() for p in backbone.model.parameters()) / 2**20,
             seconds=time.perf_counter() - start,
         )
-        log(f"{name} at {size} px: probe val accuracy {row.val_accuracy:.4f} ({row.seconds:.0f} s)")
+        score = "val mAP" if dataset.multilabel else "val accuracy"
+        log(f"{name} at {size} px: probe {score} {row.val_accuracy:.4f} ({row.seconds:.0f} s)")
         rows.append(row)
         del backbone, forward
     return sorted(rows, key=lambda r: -r.val_accuracy)

@@ -178,6 +178,8 @@ def run_training(cfg: TrainConfig, out: Path) -> TrainingRun:
         if cfg.tensorboard:
             callbacks.append(TensorBoardLog(out, first_epoch=len(checkpointer.resumed_history()) + 1))
     dataset, unreadable = _load_data(cfg)
+    if dataset.multilabel and cfg.balance:
+        log("warning: --balance weights single-label classes; it is ignored for multi-label data")
     if dataset.multilabel and cfg.recipe == "article":
         raise ConfigError("--recipe article trains a softmax over single labels; this data is multi-label",
                           expected="--recipe finetune (default) or probe for a path,labels CSV",
