@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from imgclf.cli_review import add_embed, add_rank, add_review, add_similar
 from imgclf.cli_ship import add_export, add_serve
 from imgclf.config import RECIPE_ALIASES, RECIPES
 from imgclf.errors import ImgclfError
@@ -70,6 +71,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                    help="decode every file in the pre-flight check, even those unchanged since an earlier run")
     p.add_argument("--no-test-time-size-search", dest="test_time_size_search", action="store_false", default=None,
                    help="keep the training input size for the bundle instead of choosing it on val")
+    p.add_argument("--exclude", metavar="CSV", help="leave out the images imgclf review's decisions remove "
+                   "(the review page's export, or label_issues.csv: all its rows); files are not touched")
+    p.add_argument("--relabel", metavar="CSV", help="apply the relabel decisions of imgclf review's page "
+                   "(or label_issues.csv's suggested labels); files are not touched")
     p.set_defaults(handler=cmd_train)
 
 
@@ -86,7 +91,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             "weights", "random_init", "val_fraction", "lr", "augment", "flip", "patience",
             "precision", "device", "workers", "max_bad_fraction", "balance", "max_minutes",
             "resume", "checkpoint_minutes", "deterministic", "tensorboard", "time_budget_minutes", "feature_cache",
-            "scan_cache", "test_time_size_search", "compile", "keep_checkpoints",
+            "scan_cache", "test_time_size_search", "compile", "keep_checkpoints", "exclude", "relabel",
         )
     }
     cfg = resolve_config(file_values, **flags)
@@ -357,7 +362,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 COMMANDS: Sequence[Callable[[argparse._SubParsersAction], None]] = (  # type: ignore[type-arg]
     _add_train, _add_check, _add_compare, _add_evaluate, _add_predict, _add_backbones, _add_demo, _add_report,
-    _add_summary, add_export, add_serve,
+    _add_summary, add_export, add_serve, add_review, add_rank, add_embed, add_similar,
 )
 
 
