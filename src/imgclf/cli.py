@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from imgclf.cli_explain import add_explain
 from imgclf.cli_review import add_embed, add_rank, add_review, add_similar
 from imgclf.cli_ship import add_export, add_serve
 from imgclf.config import RECIPE_ALIASES, RECIPES
@@ -362,7 +363,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 COMMANDS: Sequence[Callable[[argparse._SubParsersAction], None]] = (  # type: ignore[type-arg]
     _add_train, _add_check, _add_compare, _add_evaluate, _add_predict, _add_backbones, _add_demo, _add_report,
-    _add_summary, add_export, add_serve, add_review, add_rank, add_embed, add_similar,
+    _add_summary, add_export, add_serve, add_review, add_rank, add_embed, add_similar, add_explain,
 )
 
 
