@@ -34,8 +34,8 @@ def add_review(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--filter-by", choices=FILTER_METHODS, default="prune_by_noise_rate",
                    help="cleanlab's method for which images are issues")
     p.add_argument("--rank-by", choices=RANK_METHODS, default="self_confidence", help="cleanlab's label quality score")
-    p.add_argument("--count", choices=["cleanlab", "estimate"], default="cleanlab",
-                   help="flag the set filter-by finds, or as many as cleanlab estimates are wrong")
+    p.add_argument("--count", choices=["estimate", "cleanlab"], default="estimate",
+                   help="flag as many as cleanlab estimates are wrong (default), or the set --filter-by finds")
     p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     p.add_argument("--workers", type=int, default=0, help="decode threads (default: one per core)")
     p.set_defaults(handler=cmd_review)

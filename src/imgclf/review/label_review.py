@@ -112,7 +112,10 @@ class ReviewSettings:
     folds: int = DEFAULT_FOLDS
     filter_by: str = DEFAULT_FILTER  # cleanlab's find_label_issues(filter_by=...)
     rank_by: str = DEFAULT_RANK  # cleanlab's label quality score
-    count: str = "cleanlab"  # "estimate": flag as many as cleanlab's num_label_issues estimates
+    # "estimate": flag the lowest-quality images, as many as cleanlab's num_label_issues estimates are
+    # wrong; "cleanlab": the set `filter_by` finds. On CIFAR-10 with 5% flipped, lite0 224 px: estimate
+    # 860 flagged, precision 0.51, recall 0.87; prune_by_noise_rate 1,292, 0.32, 0.84 (review.md).
+    count: str = "estimate"
     outliers: bool = True
     seed: int = 0
     workers: int = 0
