@@ -72,7 +72,6 @@ class TrainConfig:
     # Share of all fine-tuning steps spent warming the lr up from 0, and at least
     # training.finetune.MIN_WARMUP_STEPS (a 2-epoch run on 1,437 digits has 46 steps: 5% is 2).
     warmup_fraction: float = 0.05
-    ema: bool = False  # score (and keep) a moving average of the weights: training/averaging.py
     patience: int = 3  # epochs without a better val accuracy before stopping early
     freeze_bn: bool = True  # keep BatchNorm statistics frozen while fine-tuning (Keras guide)
     augment: Literal["none", "light", "standard"] = "standard"  # batched random-resized crops

@@ -37,7 +37,6 @@ from imgclf.memory import training_heap
 from imgclf.models.classifier import ImageClassifier
 from imgclf.progress import log, progress
 from imgclf.runtime import FrozenForward, autocast, run_frozen
-from imgclf.training.averaging import WeightAverage
 from imgclf.training.balance import balanced_class_weights
 from imgclf.training.gpu import configure_cuda, place_store, run_with_batch_fallback, training_forward
 from imgclf.training.multilabel import MultilabelLoss, exact_matches, mean_average_precision, multilabel_loss
@@ -497,8 +496,6 @@ class FitLoop:
         self.replan = BudgetReplan() if self.hard_deadline and max_epochs is not None else None
         self.criterion = strategy.criterion(model, self.train_store, cfg, device)
         self.augment = strategy.augmentation(cfg)
-        # --ema: the candidates scored on val are the moving average of the weights (training/averaging.py).
-        self.average = WeightAverage(model) if cfg.ema and strategy.keeps_best else None
         if checkpointer is not None:
             checkpointer.restore_fit(model, self.optimizer, self.scheduler, self.state, self.result)
         # Frozen BatchNorm statistics are the same on every rank: no need to broadcast them each step.
@@ -568,15 +565,13 @@ class FitLoop:
         """After every batch: the budget's re-plan early in epoch 1, and a checkpoint when one is due."""
         if self.replan is not None:
             self.replan.after_step(self)
-        if self.average is not None:
-            self.average.update(self.model, step=self.scheduler.last_epoch)  # LambdaLR counts the steps taken
         if self.checkpointer is not None and self.checkpointer.due():
             self.checkpointer.save_fit(self.model, self.optimizer, self.scheduler, self.state, self.result)
 
     def evaluate(self, record: dict[str, Any]) -> None:
         """Score the epoch's network on val (sharded under torchrun), let the strategy see it, log the line."""
         started = self.clock()
-        val_loss, val_acc, _, _ = evaluate_store(self.candidate(), self.val_store, batch_size=self.cfg.batch_size,
+        val_loss, val_acc, _, _ = evaluate_store(self.model, self.val_store, batch_size=self.cfg.batch_size,
                                                  device=self.device, precision=self.cfg.precision, shard=True)
         # What another epoch costs: its training (with any time before a resume) and this scoring.
         record.update(val_loss=val_loss, val_accuracy=val_acc,
@@ -606,17 +601,13 @@ class FitLoop:
         if state.best_state is None or is_better(record["val_accuracy"], record["val_loss"], result):
             result.best_epoch, result.best_val_accuracy = record["epoch"], record["val_accuracy"]
             result.best_val_loss = record["val_loss"]
-            state.best_state = copy.deepcopy(self.candidate().state_dict())
+            state.best_state = copy.deepcopy(self.model.state_dict())
             state.since_best = 0
             return
         state.since_best += 1
         if state.since_best >= self.cfg.patience:
             log(f"stopping early: no better val accuracy for {self.cfg.patience} epoch(s)")
             result.stopped_early = True
-
-    def candidate(self) -> nn.Module:
-        """The network this epoch offers for selection: the weight average with --ema, else the weights."""
-        return self.average.module if self.average is not None else self.model
 
     def end_epoch(self, record: dict[str, Any]) -> None:
         """Move to the next epoch, checkpoint, stop at the deadline, tell the callbacks."""
