@@ -9,7 +9,7 @@ Example:
 
 from __future__ import annotations
 
-from imgclf.api import evaluate, load
+from imgclf.api import evaluate, explain_images, load
 from imgclf.bundle import Model, Prediction
 from imgclf.config import TrainConfig
 from imgclf.errors import ImgclfError
@@ -24,6 +24,7 @@ __all__ = [
     "TrainConfig",
     "__version__",
     "evaluate",
+    "explain_images",
     "list_backbones",
     "load",
     "train",

@@ -17,9 +17,10 @@ from imgclf.evaluation.calibration import softmax
 from imgclf.evaluation.metrics import classification_metrics, plot_confusion
 from imgclf.evaluation.multilabel import multilabel_metrics
 from imgclf.evaluation.tta import collect_predictions, tta_summary
+from imgclf.explain import Explanation, explain
 from imgclf.files import atomic_write_text
 
-__all__ = ["collect_images", "evaluate", "load"]  # collect_images: the data layer's, for the CLI
+__all__ = ["collect_images", "evaluate", "explain_images", "load"]  # collect_images: the data layer's, for the CLI
 
 
 def load(folder: str | Path) -> Model:
@@ -104,3 +105,26 @@ def _evaluate_multilabel(
     if write:
         atomic_write_text(folder / "evaluation.json", json.dumps(metrics, indent=2))
     return metrics
+
+
+def explain_images(
+    model: Model | str | Path,
+    images: list[str | Path] | list[Any],
+    *,
+    method: str = "gradcam",
+    class_name: str | None = None,
+    layer: str | None = None,
+) -> list[Explanation]:
+    """Grad-CAM heatmaps and overlays of where a bundle looks in each image (see `imgclf.explain`).
+
+    The issue's `Model.explain`: it lives here because the bundle sits below the explain layer (a
+    bundle knows nothing of Grad-CAM; the explain package reads bundles). Each result holds the
+    model's input `image`, the `heatmap` (0..1) and the `overlay`, with the predicted class.
+
+    Example:
+        >>> e = imgclf.explain_images("runs/pets", ["cat.jpg"], method="gradcam++")[0]  # doctest: +SKIP
+        >>> e.predicted, e.heatmap.shape, e.overlay.shape  # doctest: +SKIP
+        ('cat', (224, 224), (224, 224, 3))
+    """
+    loaded = model if isinstance(model, Model) else Model.load(model)
+    return explain(loaded, images, method=method, class_name=class_name, layer=layer)
