@@ -104,12 +104,12 @@ def scores(flagged_ranked: list[str], flips: set[str]) -> dict[str, float]:
             "recall": sum(hits) / n, "flagged": len(hits)}
 
 
-def oof_probabilities(manifest: Path, members: list[tuple[str, int, bool]]) -> tuple[list[str], np.ndarray,
-                                                                                   np.ndarray, float]:
+def oof_probabilities(manifest: Path, members: list[tuple[str, int, bool]], rounds: int = 1) -> tuple[
+        list[str], np.ndarray, np.ndarray, float]:
     """(paths, labels, averaged out-of-fold probabilities, seconds) for a feature set."""
     from imgclf.data.check import discover
     from imgclf.review.features import Embedder, embed_images
-    from imgclf.review.issues import out_of_fold_probabilities
+    from imgclf.review.label_review import ReviewSettings, label_issues
 
     found = discover(str(manifest))
     classes = sorted({e.label for e in found.entries})
@@ -122,13 +122,13 @@ def oof_probabilities(manifest: Path, members: list[tuple[str, int, bool]]) -> t
     for backbone, size, mirror in members:
         emb = embed_images(images, Embedder.pretrained(backbone, image_size=size), mirror=mirror, desc=backbone)
         assert len(emb.positions) == len(images), "every CIFAR JPEG decodes"
-        probs, _ = out_of_fold_probabilities(emb.features, images.labels, len(classes))
+        probs, _ = label_issues(emb.features, images.labels, len(classes), ReviewSettings(rounds=rounds))
         total = probs if total is None else total + probs
     assert total is not None
     return images.paths, images.labels, total / len(members), time.perf_counter() - start
 
 
-def levers(noise: float, feature_sets: list[str]) -> None:
+def levers(noise: float, feature_sets: list[str], rounds_list: list[int]) -> None:
     from imgclf.review.issues import find_label_issues
 
     review_csv, _, clean_csv, flips = make_manifests(noise)
@@ -137,17 +137,18 @@ def levers(noise: float, feature_sets: list[str]) -> None:
         for row in csv.DictReader(f):
             truth[row["path"]] = row["label"]
     print(f"\n## Levers, {noise:.0%} flipped ({len(flips)} flips)\n")
-    print("| features | filter_by | rank_by | count | P@N | flagged | precision | recall | OOF acc (true) | s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for name in feature_sets:
-        paths, labels, probs, seconds = oof_probabilities(review_csv, FEATURES[name])
+    print("| features | rounds | filter_by | rank_by | count | P@N | flagged | precision | recall | OOF acc (true) "
+          "| s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, rounds in ((n, r) for n in feature_sets for r in rounds_list):
+        paths, labels, probs, seconds = oof_probabilities(review_csv, FEATURES[name], rounds)
         classes = sorted(set(truth.values()))
         true = np.asarray([classes.index(truth[p]) for p in paths])
         oof_true = float((probs.argmax(1) == true).mean())
         for filter_by, rank_by, count in METHODS:
             issues = find_label_issues(labels, probs, filter_by=filter_by, rank_by=rank_by, count=count)
             s = scores([paths[i] for i in issues.ranked], flips)
-            print(f"| {name} | {filter_by} | {rank_by} | {count} | {s['p_at_n']:.3f} | {s['flagged']} | "
+            print(f"| {name} | {rounds} | {filter_by} | {rank_by} | {count} | {s['p_at_n']:.3f} | {s['flagged']} | "
                   f"{s['precision']:.3f} | {s['recall']:.3f} | {oof_true:.4f} | {seconds:.0f} |", flush=True)
 
 
@@ -216,15 +217,17 @@ def retrain(noise: float, issues_csv: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--noise", type=float, nargs="+", default=[0.05, 0.10])
-    parser.add_argument("--parts", nargs="+", default=["levers", "cli", "retrain"], choices=["levers", "cli", "retrain"])
+    parser.add_argument("--parts", nargs="+", default=["levers", "cli", "retrain"],
+                        choices=["levers", "cli", "retrain"])
     parser.add_argument("--features", nargs="+", default=list(FEATURES), choices=list(FEATURES))
+    parser.add_argument("--rounds", type=int, nargs="+", default=[1, 2], help="review's --rounds values to compare")
     parser.add_argument("--review-flags", default="", help="extra flags for imgclf review, e.g. '--mirror'")
     parser.add_argument("--cold", action="store_true", help="also time a first run with an empty feature cache")
     args = parser.parse_args()
     flags = args.review_flags.split()
     for noise in args.noise:
         if "levers" in args.parts:
-            levers(noise, args.features)
+            levers(noise, args.features, args.rounds)
         issues_csv = cli(noise, flags, args.cold and noise == args.noise[0]) if {"cli", "retrain"} & set(args.parts) \
             else None
         if "retrain" in args.parts and issues_csv is not None:

@@ -256,3 +256,33 @@ def test_similar_refuses_embeddings_of_another_backbone(tiny_bundle: Path, tmp_p
     save_embeddings(embed_files([str(data)], bundle=str(other)), tmp_path / "other.npy")
     with pytest.raises(BundleError, match="cannot be compared"):
         similar_images(tiny_bundle, data / "class_0" / "000.png", within=str(tmp_path / "other.npy"))
+
+
+def test_served_page_similar_panel_uses_the_bundle_index(tiny_bundle: Path, tmp_path: Path) -> None:
+    pytest.importorskip("fastapi")
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from imgclf.serve import ServeSettings, create_app
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)  # the session's bundle stays without an index
+    data = make_image_folder(tmp_path / "data", classes=3, per_class=5, seed=6)
+    without = create_app(imgclf.load(bundle), settings=ServeSettings(runtime="torch"))
+    assert main(["embed", str(data), "--bundle", str(bundle), "--out", str(bundle / "index.npy")]) == 0
+    app = create_app(imgclf.load(bundle), settings=ServeSettings(runtime="torch"))
+    with TestClient(without) as client:
+        assert client.get("/similar").json() == {"available": False, "images": 0}
+        assert client.post("/similar", content=b"x", headers={"content-type": "image/png"}).status_code == 404
+    with TestClient(app) as client:
+        while client.get("/ready").status_code != 200:
+            time.sleep(0.05)
+        assert client.get("/similar").json() == {"available": True, "images": 15}
+        query = data / "class_1" / "003.png"
+        answer = client.post("/similar?top_k=3", content=query.read_bytes(), headers={"content-type": "image/png"})
+        neighbours = answer.json()["neighbours"]
+        assert neighbours[0]["name"] == "003.png" and neighbours[0]["label"] == "class_1"
+        assert neighbours[0]["similarity"] > 0.999 and neighbours[0]["thumbnail"].startswith("data:image/jpeg")
+        assert client.post("/similar", content=b"junk", headers={"content-type": "image/png"}).status_code in (415, 422)
+        assert 'src="/static/similar.js"' in client.get("/").text

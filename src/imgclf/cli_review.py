@@ -36,6 +36,8 @@ def add_review(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--rank-by", choices=RANK_METHODS, default="self_confidence", help="cleanlab's label quality score")
     p.add_argument("--count", choices=["estimate", "cleanlab"], default="estimate",
                    help="flag as many as cleanlab estimates are wrong (default), or the set --filter-by finds")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="out-of-fold rounds; each after the first trains without the labels the last one flagged")
     p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     p.add_argument("--workers", type=int, default=0, help="decode threads (default: one per core)")
     p.set_defaults(handler=cmd_review)
@@ -44,11 +46,11 @@ def add_review(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 def cmd_review(args: argparse.Namespace) -> int:
     from imgclf.review import ReviewSettings, review_data
 
-    if args.folds < 2:
-        raise ImgclfError(f"--folds must be at least 2, got {args.folds}")
+    if args.folds < 2 or args.rounds < 1:
+        raise ImgclfError(f"--folds must be at least 2 and --rounds at least 1, got {args.folds} and {args.rounds}")
     settings = ReviewSettings(backbone=args.backbone, image_size=args.image_size, bundle=args.bundle,
                               mirror=args.mirror, folds=args.folds, filter_by=args.filter_by, rank_by=args.rank_by,
-                              count=args.count, workers=args.workers)
+                              count=args.count, rounds=args.rounds, workers=args.workers)
     result = review_data(args.data, out=args.out, settings=settings)
     if args.json:
         print(json.dumps(result.to_dict()))
@@ -83,7 +85,8 @@ def cmd_rank(args: argparse.Namespace) -> int:
 
     result = rank_images(args.model, args.folder, n=args.n, out=args.out, method=args.method)
     for row in result.rows[:10]:
-        _print(f"  {row['rank']:>4}  {row['uncertainty']:.3f}  {row['guess']} ({row['probability']:.2f})  {row['path']}")
+        _print(f"  {row['rank']:>4}  {row['uncertainty']:.3f}  {row['guess']} ({row['probability']:.2f})  "
+               f"{row['path']}")
     print(f"{len(result.rows)} of {result.images} images ranked in {result.seconds:.1f} s")
     print(f"ranking: {result.csv}\npage: {result.html}")
     return 0

@@ -37,14 +37,15 @@ DEFAULT_FOLDS = 5
 
 def out_of_fold_probabilities(
     features: np.ndarray, labels: np.ndarray, num_classes: int, *, folds: int = DEFAULT_FOLDS, seed: int = 0,
-    l2: float | None = None,
+    l2: float | None = None, leave_out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, float]:
     """(N x C probabilities, the L2 strength used): each row from a probe that did not see that image.
 
     The L2 strength is chosen once, on the first fold (the probe's own path over
     `config.DEFAULT_PROBE_L2`, scored on that fold's held-out images), and reused for the others.
     Folds are stratified by label; a class with fewer images than `folds` is spread over as many
-    folds as it has images.
+    folds as it has images. `leave_out` (N booleans) marks images no head trains on (labels already
+    suspected: a second round fits on cleaner labels); every image is still scored.
 
     Example:
         >>> x = np.random.default_rng(0).normal(size=(60, 4)).astype(np.float32)
@@ -65,6 +66,8 @@ def out_of_fold_probabilities(
     folder = StratifiedKFold(n_splits=splits, shuffle=True, random_state=seed)
     bar = progress(total=splits, desc="out-of-fold probe", unit="fold")
     for fold, (seen, unseen) in enumerate(folder.split(np.zeros(len(labels)), labels)):
+        if leave_out is not None:
+            seen = seen[~leave_out[seen]]
         seen_t, unseen_t = torch.from_numpy(seen), torch.from_numpy(unseen)
         if l2 is None:  # the first fold's held-out images choose the strength for every fold
             chosen = fit_probe(x[seen_t], y[seen_t], x[unseen_t], y[unseen_t], num_classes, list(DEFAULT_PROBE_L2))
@@ -156,7 +159,8 @@ def find_outliers(features: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray,
     x = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
     k = max(1, min(OUTLIER_NEIGHBOURS, len(x) - 1))
     scores = OutOfDistribution({"k": k}).fit_score(features=x.astype(np.float32), verbose=False)
-    distance = -np.log(np.maximum(np.asarray(scores, dtype=np.float64), 1e-300))  # scores are exp(-distance / scale): the rule is scale-free
+    # The scores are exp(-distance / scale), so the fence on -log(score) is the fence on the distances.
+    distance = -np.log(np.maximum(np.asarray(scores, dtype=np.float64), 1e-300))
     fence = np.percentile(distance, 75) + (1 / OUTLIER_THRESHOLD - 1) * iqr(distance)
     flagged = np.flatnonzero(distance > fence)
     return flagged[np.argsort(scores[flagged], kind="stable")], np.asarray(scores, dtype=np.float64)

@@ -42,6 +42,7 @@ from imgclf.review.issues import (
     DEFAULT_FILTER,
     DEFAULT_FOLDS,
     DEFAULT_RANK,
+    LabelIssues,
     find_label_issues,
     find_outliers,
     out_of_fold_probabilities,
@@ -116,6 +117,7 @@ class ReviewSettings:
     # wrong; "cleanlab": the set `filter_by` finds. On CIFAR-10 with 5% flipped, lite0 224 px: estimate
     # 860 flagged, precision 0.51, recall 0.87; prune_by_noise_rate 1,292, 0.32, 0.84 (review.md).
     count: str = "estimate"
+    rounds: int = 1  # rounds of out-of-fold fits; each after the first trains without the last round's flags
     outliers: bool = True
     seed: int = 0
     workers: int = 0
@@ -149,10 +151,7 @@ def review_data(data: str, *, out: str | Path = "review", settings: ReviewSettin
     kept = embeddings.positions
     labels = images.labels[kept]
     embedded = time.perf_counter()
-    probabilities, _ = out_of_fold_probabilities(embeddings.features, labels, len(classes), folds=settings.folds,
-                                                 seed=settings.seed)
-    issues = find_label_issues(labels, probabilities, filter_by=settings.filter_by, rank_by=settings.rank_by,
-                               count=settings.count)
+    probabilities, issues = label_issues(embeddings.features, labels, len(classes), settings)
     paths = [images.paths[i] for i in kept]
     rows = [IssueRow(paths[i], classes[labels[i]], classes[issues.suggested[i]], 1.0 - float(issues.quality[i]),
                      "label") for i in issues.ranked]
@@ -177,6 +176,30 @@ def review_data(data: str, *, out: str | Path = "review", settings: ReviewSettin
     result.seconds = {"scan": scanned - started, "features": embedded - scanned, "issues": found - embedded,
                       "write": time.perf_counter() - found, "total": time.perf_counter() - started}
     return result
+
+
+def label_issues(
+    features: np.ndarray, labels: np.ndarray, num_classes: int, settings: ReviewSettings
+) -> tuple[np.ndarray, LabelIssues]:
+    """(out-of-fold probabilities, cleanlab's findings), over `settings.rounds` rounds: each round after
+    the first fits its heads without the images the previous round flagged (still scoring them).
+
+    Example:
+        >>> probs, issues = label_issues(features, labels, 10, ReviewSettings(rounds=2))  # doctest: +SKIP
+    """
+    probabilities, l2 = out_of_fold_probabilities(features, labels, num_classes, folds=settings.folds,
+                                                  seed=settings.seed)
+    issues = find_label_issues(labels, probabilities, filter_by=settings.filter_by, rank_by=settings.rank_by,
+                               count=settings.count)
+    for _ in range(settings.rounds - 1):
+        suspected = np.zeros(len(labels), dtype=bool)
+        suspected[issues.ranked] = True
+        log(f"review: another round without the {int(suspected.sum())} suspected labels in training")
+        probabilities, _ = out_of_fold_probabilities(features, labels, num_classes, folds=settings.folds,
+                                                     seed=settings.seed, l2=l2, leave_out=suspected)
+        issues = find_label_issues(labels, probabilities, filter_by=settings.filter_by, rank_by=settings.rank_by,
+                                   count=settings.count)
+    return probabilities, issues
 
 
 def _scan(data: str, *, workers: int) -> tuple[CheckReport, ImageSet, list[str]]:

@@ -99,14 +99,15 @@ def index_for(model: Model, bundle: str | Path, within: str | None = None) -> Si
                             fix=f"pass --in DATA, or build one: imgclf embed DATA --bundle {bundle} --out {own}")
     if within.lower().endswith(".npy"):
         found = load_embeddings(within)
-        _check_same_network(found, model, within)
+        check_same_network(found, model, within)
     else:
         found = embed_files([within], bundle=str(bundle))
     log(f"similar: searching {len(found.paths)} images ({within})")
     return SimilarityIndex(found.features, found.paths, labels=found.labels)
 
 
-def _check_same_network(found: EmbeddingSet, model: Model, file: str) -> None:
+def check_same_network(found: EmbeddingSet, model: Model, file: str) -> None:
+    """Raise BundleError unless `found` was made by this bundle's backbone (same weights, same size)."""
     network, weights = model.info.backbone.timm_name, weights_digest(model.module.backbone)
     size = model.preprocessing.image_size
     if (found.meta.get("network"), found.meta.get("weights"), found.meta.get("image_size")) != (network, weights, size):
