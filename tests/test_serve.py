@@ -6,6 +6,7 @@ import io
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -260,3 +261,94 @@ def test_micro_batcher_merges_queued_requests() -> None:
     # All five are queued before the first pass starts; they go in order, at most 3 images a pass.
     assert calls == [2, 3, 1]
     assert [r[:, 0].tolist() for r in results] == [[0], [1], [2, 2], [3], [4]]
+
+
+# --------------------------------------------------------------------------------------------
+# POST /explain (issue 18) and refused bodies every client can read
+
+
+def test_explain_answers_a_png_for_a_raw_body(client: TestClient) -> None:
+    response = client.post("/explain", content=png_bytes(1), headers={"content-type": "image/png"})
+    assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+    assert response.headers["x-imgclf-predicted"] == "class_1" == response.headers["x-imgclf-target"]
+    assert response.headers["x-imgclf-runtime"] == "torch"
+    with Image.open(io.BytesIO(response.content)) as png:
+        assert png.format == "PNG" and png.width == 512  # the image and its overlay, 256 px each
+
+
+def test_explain_json_for_several_files_matches_predict(client: TestClient) -> None:
+    import base64
+
+    files = [("file", (f"{c}.png", png_bytes(c), "image/png")) for c in (0, 2)]
+    body = client.post("/explain?format=json&method=gradcam%2B%2B", files=files).json()
+    labels = [p["label"] for p in client.post("/predict", files=files).json()["predictions"]]
+    assert [e["predicted"] for e in body["explanations"]] == labels == ["class_0", "class_2"]
+    assert body["runtime"] == "torch" and body["note"] is None
+    for item in body["explanations"]:
+        assert item["method"] == "gradcam++" and item["layer"] == "bn2"
+        with Image.open(io.BytesIO(base64.b64decode(item["png_base64"]))) as png:
+            assert png.format == "PNG"
+    chosen = client.post("/explain?format=json&class=class_2", files=files[:1]).json()["explanations"][0]
+    assert chosen["target"] == "class_2" and chosen["predicted"] == "class_0"
+
+
+@pytest.mark.parametrize(("query", "files", "status", "message"), [
+    ("?class=class_9", 1, 422, "unknown class 'class_9'"),
+    ("?method=lime", 1, 422, "unknown method"),
+    ("?format=gif", 1, 422, "unknown format"),
+    ("", 2, 422, "format=png answers one image"),
+])
+def test_explain_bad_requests(client: TestClient, query: str, files: int, status: int, message: str) -> None:
+    sent = [("file", (f"{c}.png", png_bytes(c), "image/png")) for c in range(files)]
+    response = client.post("/explain" + query, files=sent)
+    assert response.status_code == status and message in response.json()["error"]
+
+
+def test_explain_has_the_limits_of_predict(client: TestClient) -> None:
+    corrupt = client.post("/explain", content=_truncated_jpeg(), headers={"content-type": "image/jpeg"})
+    assert corrupt.status_code == 422 and corrupt.json()["error"].startswith("body:")
+    big = client.post("/explain", content=b"\xff" * (LIMIT + 1), headers={"content-type": "image/jpeg"})
+    assert big.status_code == 413 and big.json()["limit_bytes"] == LIMIT
+    gate = client.app.state.gate
+    held = 0
+    while gate.try_enter():
+        held += 1
+    try:
+        busy = client.post("/explain", content=png_bytes(0), headers={"content-type": "image/png"})
+        assert busy.status_code == 503
+    finally:
+        for _ in range(held):
+            gate.leave()
+    assert_still_serving(client)
+
+
+def test_explain_says_when_the_server_predicts_without_gradients(model: imgclf.Model) -> None:
+    pytest.importorskip("openvino")
+    app = create_app(model, settings=ServeSettings(runtime="openvino"))
+    with running_server(app) as url:
+        body = httpx.post(f"{url}/explain?format=json", content=png_bytes(2), headers={"content-type": "image/png"},
+                          timeout=60).json()
+    assert body["runtime"] == "torch" and "openvino, which cannot backpropagate" in body["note"]
+    assert body["explanations"][0]["predicted"] == "class_2"
+
+
+@pytest.mark.parametrize("path", ["/predict", "/explain"])
+@pytest.mark.parametrize("chunked", [False, True])
+def test_urllib_reads_the_413_of_a_large_body(model: imgclf.Model, path: str, chunked: bool) -> None:
+    """Python's urllib sends the whole body before it reads a byte of the answer: the server must
+    read (and drop) the refused body instead of closing on it, or urllib sees the connection reset."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    app = create_app(model, settings=ServeSettings(runtime="torch", max_body_bytes=LIMIT))
+    size = 32 * 2**20  # far beyond the socket buffers, so a close mid-body would reset the connection
+    body: Any = (b"\xff" * 2**20 for _ in range(size // 2**20)) if chunked else b"\xff" * size
+    with running_server(app) as url:
+        request = urllib.request.Request(url + path, data=body, method="POST",
+                                         headers={"Content-Type": "image/jpeg"})
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(request, timeout=60)
+        assert caught.value.code == 413
+        assert json.loads(caught.value.read())["limit_bytes"] == LIMIT
+        assert httpx.get(f"{url}/health").status_code == 200

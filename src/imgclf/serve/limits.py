@@ -7,10 +7,19 @@ overload the 503s stay fast and the event loop stays free for `/health`.
 the limit is refused before a byte is read, and a chunked body (no Content-Length) is counted as
 its chunks arrive and refused as soon as the count passes the limit, so no more than one chunk
 past the limit is ever held in memory.
+
+A refused body is drained, so that every client reads the 413. A server that answers and closes
+while the client is still sending makes the kernel reset the connection, and a client that sends its
+whole body before reading (Python's urllib and so `requests`) then sees "connection reset by peer"
+instead of the answer; curl reads early and got it. So the 413 is sent at once, then the rest of the
+body is read and thrown away, as nginx's lingering close does, up to a bound (`DRAIN_BYTES`,
+`DRAIN_SECONDS`, and `DRAIN_IDLE_SECONDS` without data), and only then is the connection closed. A
+client that asked `Expect: 100-continue` has not sent its body and is not invited to.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -20,6 +29,12 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+# How much of a refused body is read and dropped so the client can read the 413 (nginx's lingering
+# close: lingering_time 30 s, lingering_timeout 5 s). Reading is all it costs: nothing is kept.
+DRAIN_BYTES = 256 * 2**20  # bytes past which the connection is closed anyway
+DRAIN_SECONDS = 30.0  # at most this long in all
+DRAIN_IDLE_SECONDS = 5.0  # stop when the client sends nothing for this long
 
 
 class BodyTooLarge(Exception):
@@ -31,13 +46,52 @@ def json_error_body(status: int, error: str, **extra: Any) -> bytes:
 
 
 async def send_json_error(send: Send, status: int, error: str, headers: list[tuple[bytes, bytes]] | None = None,
-                          **extra: Any) -> None:
+                          *, drain: Receive | None = None, **extra: Any) -> None:
+    """Answer a JSON error and close the connection; with `drain`, read away the request body first.
+
+    The response is complete on the wire before the draining starts (its Content-Length is sent and
+    only the final, empty ASGI body message waits), so a client reading early has it at once.
+    """
     body = json_error_body(status, error, **extra)
     raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    # Ask the client to close: the rest of its (refused) body is never read.
+    # Ask the client to close: the rest of its (refused) body is not wanted.
     raw_headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": raw_headers + (headers or [])})
-    await send({"type": "http.response.body", "body": body})
+    await send({"type": "http.response.body", "body": body, "more_body": drain is not None})
+    if drain is not None:
+        await drain_body(drain)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def drain_body(receive: Receive, *, max_bytes: int = DRAIN_BYTES, seconds: float = DRAIN_SECONDS,
+                     idle_seconds: float = DRAIN_IDLE_SECONDS) -> int:
+    """Read and drop the rest of a request body, within the bounds; returns the bytes dropped.
+
+    Example:
+        >>> await drain_body(receive)  # doctest: +SKIP
+        48234496
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    dropped = 0
+    while dropped < max_bytes and (left := deadline - loop.time()) > 0:
+        try:
+            message = await asyncio.wait_for(receive(), timeout=min(idle_seconds, left))
+        except asyncio.TimeoutError:
+            break
+        if message["type"] != "http.request":  # the client went away
+            break
+        dropped += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    return dropped
+
+
+def _may_drain(scope: Scope, declared: int | None) -> bool:
+    """Drain unless the client waits for 100 Continue (its body is not on the way) or declared more
+    than the bound (reading it would take too long; that client may see the connection reset)."""
+    expect = dict(scope.get("headers") or []).get(b"expect", b"").lower()
+    return expect != b"100-continue" and (declared is None or declared <= DRAIN_BYTES)
 
 
 class BodySizeLimit:
@@ -64,7 +118,8 @@ class BodySizeLimit:
                 await send_json_error(send, 400, "invalid Content-Length header")
                 return
             if too_big:
-                await send_json_error(send, 413, message, limit_bytes=self.max_bytes)
+                drain = receive if _may_drain(scope, int(declared)) else None
+                await send_json_error(send, 413, message, drain=drain, limit_bytes=self.max_bytes)
                 return
 
         received = 0
@@ -90,7 +145,8 @@ class BodySizeLimit:
         except BodyTooLarge:
             if started:  # a handler answered before reading its body; nothing left to say
                 return
-            await send_json_error(send, 413, message, limit_bytes=self.max_bytes)
+            await send_json_error(send, 413, message, drain=receive if _may_drain(scope, None) else None,
+                                  limit_bytes=self.max_bytes)
 
 
 class Gate:
