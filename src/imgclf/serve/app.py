@@ -32,6 +32,7 @@ from imgclf.data.decode import UnreadableImageError, open_image
 from imgclf.data.pipeline import image_to_tensor
 from imgclf.progress import log
 from imgclf.serve.batching import MicroBatcher
+from imgclf.serve.explain import router as explain_router
 from imgclf.serve.limits import BodySizeLimit, ConcurrencyLimit, Gate
 from imgclf.serve.similar import attach_similar
 from imgclf.serve.similar import router as similar_router
@@ -163,10 +164,12 @@ def create_app(model: Model, *, settings: ServeSettings | None = None) -> FastAP
     app.state.settings = settings
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     # Added last, so outermost: overload is refused before anything else is looked at.
-    app.add_middleware(ConcurrencyLimit, gate=gate, paths={"/predict"}, retry_after_s=settings.retry_after_s)
+    app.add_middleware(ConcurrencyLimit, gate=gate, paths={"/predict", "/explain"},
+                       retry_after_s=settings.retry_after_s)
     app.add_exception_handler(HTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.include_router(router)
+    app.include_router(explain_router)  # POST /explain: the page's "why?" heatmap
     attach_similar(app, model)  # the "similar images" panel, where the bundle has an index
     app.include_router(similar_router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
