@@ -49,7 +49,7 @@ class Explanation:
 
     source: str
     predicted: str
-    probability: float  # of the predicted class, with the bundle's temperature (as `predict` reports it)
+    probability: float  # of the predicted (most probable) class, as `predict` reports it
     target: str  # the class the map explains
     target_probability: float
     method: str
@@ -222,7 +222,7 @@ def explain_batch(
         chunk = batch[start : start + batch_size]
         wanted = None if targets is None else targets[start : start + batch_size]
         maps, logits = explainer(chunk, wanted)
-        probs = torch.softmax(torch.from_numpy(logits) / model.temperature, dim=1).numpy()
+        probs = model.to_probabilities(torch.from_numpy(logits)).numpy()  # as predict: temperature, or sigmoids
         for j in range(len(chunk)):
             predicted = int(probs[j].argmax())
             explained = predicted if wanted is None else int(wanted[j])
