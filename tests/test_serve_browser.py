@@ -55,3 +55,39 @@ def test_upload_on_page_shows_expected_label(tiny_bundle: Path, tmp_path: Path) 
             assert not errors, errors
         finally:
             browser.close()
+
+
+def test_why_toggle_shows_the_heatmap_after_a_prediction(tiny_bundle: Path, tmp_path: Path) -> None:
+    """Issue 18: after a prediction, "why?" fetches POST /explain and shows the image beside its heatmap."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed (pip install playwright)")
+    if not Path(CHROMIUM).is_file():
+        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    image = tmp_path / "blue.png"
+    make_image(CLASS_COLOURS[2], np.random.default_rng(6), size=64).save(image)
+
+    app = create_app(imgclf.load(tiny_bundle), settings=ServeSettings(runtime="torch"))
+    with running_server(app) as url, sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+            page.goto(url + "/")
+            sync_api.expect(page.locator("#status")).to_contain_text("ready", timeout=30_000)
+            assert not page.locator("#why-toggle").is_visible()  # nothing to explain before a prediction
+            page.set_input_files("#file", str(image))
+            sync_api.expect(page.locator("#results li").first.locator(".label")).to_have_text("class_2", timeout=30_000)
+            page.click("#why-toggle")
+            heatmap = page.locator("#why-image")
+            sync_api.expect(heatmap).to_be_visible(timeout=30_000)
+            page.wait_for_function("document.getElementById('why-image').naturalWidth > 0")
+            size = heatmap.evaluate("img => [img.naturalWidth, img.naturalHeight]")
+            assert size[0] == 512 and size[1] > 256  # the image and its heatmap side by side, with a caption
+            sync_api.expect(page.locator("#why-caption")).to_contain_text("heatmap for class_2")
+            assert page.locator("#why-toggle").get_attribute("aria-pressed") == "true"
+            page.click("#why-toggle")
+            sync_api.expect(heatmap).to_be_hidden()
+            assert not errors, errors
+        finally:
+            browser.close()

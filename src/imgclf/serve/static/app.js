@@ -1,4 +1,5 @@
-// The imgclf page: pick or drop an image, POST it to /predict, draw the top-5 as bars.
+// The imgclf page: pick or drop an image, POST it to /predict, draw the top-5 as bars; the "why?"
+// toggle then asks POST /explain for the Grad-CAM heatmap of the same image.
 // Plain browser JavaScript, no build step and no third-party code.
 "use strict";
 
@@ -72,7 +73,52 @@ function showResults(prediction) {
   }
 }
 
+let currentFile = null; // the image last classified, for the "why?" toggle
+let whyShownFor = null; // the image whose heatmap is loaded in #why-image
+
+function resetWhy() {
+  $("why").hidden = true;
+  $("why-panel").hidden = true;
+  $("why-toggle").setAttribute("aria-pressed", "false");
+}
+
+async function loadWhy(file) {
+  const form = new FormData();
+  form.append("file", file, file.name);
+  const response = await fetch("/explain?format=json", { method: "POST", body: form });
+  const body = await response.json();
+  if (!response.ok) throw new Error(`${response.status}: ${body.error || "request failed"}`);
+  const item = body.explanations[0];
+  $("why-image").src = `data:image/png;base64,${item.png_base64}`;
+  const note = body.note ? ` · ${body.note}` : "";
+  $("why-caption").textContent =
+    `${item.method} heatmap for ${item.target} (layer ${item.layer}): red is where the model looked${note}`;
+  whyShownFor = file;
+}
+
+async function toggleWhy() {
+  const button = $("why-toggle");
+  if (button.getAttribute("aria-pressed") === "true") {
+    button.setAttribute("aria-pressed", "false");
+    $("why-panel").hidden = true;
+    return;
+  }
+  button.setAttribute("aria-pressed", "true");
+  try {
+    if (whyShownFor !== currentFile) {
+      $("why-caption").textContent = "computing the heatmap…";
+      await loadWhy(currentFile);
+    }
+    $("why-panel").hidden = false;
+  } catch (err) {
+    button.setAttribute("aria-pressed", "false");
+    showError(`explanation failed: ${err.message || err}`);
+  }
+}
+
 async function classify(file) {
+  currentFile = file;
+  resetWhy();
   $("error").hidden = true;
   $("results").replaceChildren();
   $("latency").textContent = "classifying…";
@@ -94,6 +140,7 @@ async function classify(file) {
       return;
     }
     showResults(body.predictions[0]);
+    $("why").hidden = false;
     $("latency").textContent =
       `${roundTrip.toFixed(0)} ms round trip · ${body.model_ms.toFixed(1)} ms in the model (${body.runtime})`;
   } catch (err) {
@@ -104,6 +151,7 @@ async function classify(file) {
 
 function setUpInput() {
   const drop = $("drop");
+  $("why-toggle").addEventListener("click", toggleWhy);
   $("file").addEventListener("change", (event) => {
     if (event.target.files.length) classify(event.target.files[0]);
   });
