@@ -77,7 +77,9 @@ def test_review_json_lists_unreadable_files_and_reuses_the_cache(
     assert [Path(u["path"]).name for u in result["unreadable"]] == ["broken.png"]
     assert result["images"] == 61 and result["files"]["review_html"].endswith("review.html")
     assert result["top"][0]["kind"] == "label"
-    assert any("61 from the feature cache, 0 computed" in r.getMessage() for r in caplog.records)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("61 from the feature cache, 0 computed" in m for m in messages)
+    assert any("out-of-fold probabilities from the cache" in m for m in messages)  # no fit either
 
 
 def test_review_page_is_self_contained(reviewed: tuple[Path, list[str], Path]) -> None:
