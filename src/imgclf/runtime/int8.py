@@ -29,6 +29,7 @@ from torch import nn
 from imgclf.errors import BundleError
 from imgclf.files import file_sha256
 from imgclf.memory import limit_heap_growth
+from imgclf.progress import log
 from imgclf.runtime.frozen import FrozenForward
 from imgclf.runtime.onnx import onnx_session
 from imgclf.runtime.openvino import OpenVINONetwork
@@ -197,5 +198,11 @@ def gated_int8_forward(module: nn.Module, bundle: str | Path | None, runtime: st
     if bundle is None:
         raise BundleError(f"runtime {runtime!r} needs a model loaded from its bundle folder",
                           fix="load it with imgclf.load(folder)")
-    read_gated_sidecar(bundle, format)
+    int8 = read_gated_sidecar(bundle, format)["int8"]
+    gate, speedup = int8["gate"], float(int8.get("speed", {}).get("speedup", 0.0))
+    log(f"{runtime}: validation top-1 {gate['int8_accuracy']:.2%} against {gate['reference_accuracy']:.2%} "
+        f"({gate['reference_runtime']}) when exported; {describe_int8_hardware()}")
+    if 0 < speedup < 1.0:
+        log(f"note: when exported, int8 ran at {speedup:.2f}x the speed of {gate['reference_runtime']}: it is "
+            "smaller here, not faster; --runtime auto keeps the fp32/bf16 model")
     return Int8Forward(module, int8_model_path(bundle, format), format)
