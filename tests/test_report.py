@@ -299,3 +299,77 @@ def test_cli_screenshot(tiny_bundle: Path, tmp_path: Path) -> None:
     png = tmp_path / "docs" / "report.png"
     assert main(["report", str(bundle), "--runtime", "torch", "--screenshot", str(png)]) == 0
     assert png.stat().st_size > 10_000
+
+
+# --------------------------------------------------------------------------------------------
+# Grad-CAM heatmaps in the galleries (issue 18)
+
+
+def test_galleries_have_heatmaps_for_predicted_and_true_class(run: dict[str, Any]) -> None:
+    from imgclf.report.heatmaps import MAX_IMAGES
+
+    metrics = json.loads((run["report"] / "metrics.json").read_text(encoding="utf-8"))
+    galleries = metrics["galleries"]
+    wrong = galleries["top_losses"]
+    right = [i for items in galleries["confident_correct"].values() for i in items]
+    assert wrong, "the fixture's mislabelled test images must give misclassified ones"
+    expected = min(len(wrong) + len(right), MAX_IMAGES)
+    info = galleries["heatmaps"]
+    assert info["method"] == "gradcam" and info["layer"] == "bn2" and info["images"] == expected
+    assert info["maps"] == 2 * len(wrong) + (expected - len(wrong))  # two maps per mistake, one per correct
+    page = (run["report"] / "report.html").read_text(encoding="utf-8")
+    assert page.count('data-heatmap="true"') == len(wrong)
+    assert page.count('data-heatmap="predicted"') == expected
+    assert page.count('class="heatmap" src="data:image/jpeg;base64,') == info["maps"]
+    # Size under control: the heatmaps are thumbnails like the images (~2-5 KB each here).
+    assert len(page.encode()) < 400_000 + 8_000 * info["maps"]
+
+
+def test_heatmaps_are_capped_misclassified_first() -> None:
+    from imgclf.report.heatmaps import MAX_IMAGES, explained_items
+
+    galleries = {"top_losses": [{"position": 1000 + i} for i in range(16)],
+                 "confident_correct": {f"c{c}": [{"position": 10 * c + r} for r in range(3)] for c in range(100)}}
+    items = explained_items(galleries)
+    assert len(items) == MAX_IMAGES
+    assert [i["position"] for i in items[:16]] == [1000 + i for i in range(16)]
+    assert [i["position"] for i in items[16:19]] == [0, 10, 20]  # each class's most confident first
+
+
+def test_report_without_a_known_layer_says_why(tiny_bundle: Path, tmp_path: Path) -> None:
+    import timm
+    import torch
+
+    import imgclf
+    from imgclf.models.classifier import ImageClassifier
+    from imgclf.report.heatmaps import gallery_heatmaps
+
+    model = imgclf.load(tiny_bundle)
+    backbone = timm.create_model("test_byobnet", num_classes=0)
+    model.module = ImageClassifier(backbone, torch.nn.Linear(backbone.num_features, 3))
+    model.meta = {**model.meta, "backbone": {"name": "test_byobnet", "timm_name": "test_byobnet"}}
+    report = {"galleries": {"top_losses": [{"position": 0, "predicted": "class_0", "true": "class_1"}],
+                            "confident_correct": {}}}
+    assert gallery_heatmaps(report, model, None) == {}  # type: ignore[arg-type]  # never reaches the store
+    assert "Grad-CAM should use" in report["galleries"]["heatmaps"]["note"]
+
+
+def test_report_heatmaps_render_in_headless_chromium(run: dict[str, Any]) -> None:
+    sync_playwright, executable, args = _browser()
+    html = run["report"] / "report.html"
+    maps = json.loads((run["report"] / "metrics.json").read_text(encoding="utf-8"))["galleries"]["heatmaps"]["maps"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable, args=args)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(html.resolve().as_uri(), wait_until="load")
+            shown = page.eval_on_selector_all(
+                "#images img.heatmap",
+                "els => els.map(e => ({w: e.naturalWidth, h: e.naturalHeight, visible: e.offsetWidth > 0}))")
+            wrong_tiles = page.eval_on_selector_all(
+                "#images .tile.wrong", "els => els.map(e => e.querySelectorAll('img.heatmap').length)")
+        finally:
+            browser.close()
+    assert len(shown) == maps > 0
+    assert all(s["w"] > 0 and s["h"] > 0 and s["visible"] for s in shown), shown
+    assert wrong_tiles and all(n == 2 for n in wrong_tiles)  # the predicted class's map and the true class's

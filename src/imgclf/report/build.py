@@ -31,6 +31,7 @@ from imgclf.evaluation.metrics import classification_metrics, plot_confusion
 from imgclf.evaluation.tta import collect_predictions, tta_summary
 from imgclf.progress import log
 from imgclf.report import figures
+from imgclf.report.heatmaps import gallery_heatmaps
 from imgclf.report.html import render_report
 from imgclf.report.multilabel import write_multilabel_report
 from imgclf.runtime import FrozenForward, StorePredictions, pick_device
@@ -182,10 +183,11 @@ def build_report(
     report["skipped_files"] = skipped
     files = _figures(report, model, folder)
     thumbnails = _gallery_images(report, stores[split].images)
+    heatmaps = gallery_heatmaps(report, model, stores[split])  # Grad-CAM beside each gallery image
     report["report_seconds"] = round(time.perf_counter() - started, 1)
     (folder / "metrics.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
     html = folder / "report.html"
-    html.write_text(render_report(report, figures=files, thumbnails=thumbnails), encoding="utf-8")
+    html.write_text(render_report(report, figures=files, thumbnails=thumbnails, heatmaps=heatmaps), encoding="utf-8")
     return html
 
 

@@ -60,6 +60,12 @@ figure.plot img { max-width: 100%; height: auto; }
 .tile .cap { word-break: break-word; }
 .tile .true { color: #2e6b3f; }
 .tile .pred { color: #a1322b; }
+.tile.maps2 { width: 240px; }
+.tile.maps3 { width: 356px; }
+.tile .pics { display: flex; gap: 4px; justify-content: center; }
+.tile .pic { display: flex; flex-direction: column; align-items: center; }
+.tile img.heatmap { border-color: #8a96a3; }
+.tile .for { color: #5a6470; font-size: 11px; }
 .row { display: flex; align-items: center; gap: 12px; margin: 4px 0; }
 .row .name { width: 160px; font-weight: 600; font-size: 14px; word-break: break-word; }
 .bar { display: inline-block; height: 10px; background: #1f3a5f; vertical-align: middle; }
@@ -96,15 +102,17 @@ def _img(uri: str, alt: str, width: int | None = None) -> str:
     return f'<img src="{uri}" alt="{esc(alt)}"{size}>'
 
 
-def render_report(report: dict[str, Any], *, figures: dict[str, Path], thumbnails: dict[int, str]) -> str:
-    """The whole HTML page for `report` (a metrics.json dict), its PNG `figures` and image `thumbnails`."""
+def render_report(report: dict[str, Any], *, figures: dict[str, Path], thumbnails: dict[int, str],
+                  heatmaps: dict[tuple[int, str], str] | None = None) -> str:
+    """The whole HTML page for `report` (a metrics.json dict), its PNG `figures`, image `thumbnails`
+    and Grad-CAM `heatmaps` (by position and class explained)."""
     uris = {name: file_data_uri(path) for name, path in figures.items()}
     body = [
         _section_run(report),
         _section_curves(report, uris),
         _section_metrics(report),
         _section_confusion(report, uris),
-        _section_images(report, thumbnails),
+        _section_images(report, thumbnails, heatmaps or {}),
         _section_calibration(report, uris),
         _section_tta(report),
     ]
@@ -294,29 +302,53 @@ def _section_confusion(report: dict[str, Any], uris: dict[str, str]) -> str:
     return "".join(parts) + "</section>"
 
 
-def _tile(item: dict[str, Any], uri: str, *, wrong: bool) -> str:
+def _tile(item: dict[str, Any], uri: str, *, wrong: bool, heatmaps: dict[tuple[int, str], str]) -> str:
     picture = _img(uri, item.get("path", "")) if uri else '<div class="note">(image unreadable)</div>'
+    pics = [f'<div class="pic">{picture}<span class="for">image</span></div>']
+    for name, role in dict.fromkeys([(item["predicted"], "predicted"), (item["true"], "true")]):
+        if (item["position"], name) in heatmaps and (role == "predicted" or wrong):
+            label = f"{role}: {name}" if wrong else "where it looked"
+            pics.append(f'<div class="pic" data-heatmap="{role}">'
+                        f'<img class="heatmap" src="{heatmaps[(item["position"], name)]}" '
+                        f'alt="Grad-CAM heatmap for {esc(name)}"><span class="for">{esc(label)}</span></div>')
+    width = f" maps{len(pics)}" if len(pics) > 1 else ""
     name = Path(str(item.get("path", ""))).name
-    return (f'<div class="tile{" wrong" if wrong else ""}" title="{esc(item.get("path", ""))}">{picture}'
+    return (f'<div class="tile{" wrong" if wrong else ""}{width}" title="{esc(item.get("path", ""))}">'
+            f'<div class="pics">{"".join(pics)}</div>'
             f'<div class="cap"><span class="true">true: {esc(item["true"])}</span><br>'
             + (f'<span class="pred">predicted: {esc(item["predicted"])}</span><br>' if wrong else "")
             + f'confidence {item["confidence"]:.3f}<br>loss {max(item["loss"], 0.0):.2f}'
             f'<br><span class="note">{esc(name)}</span></div></div>')
 
 
-def _section_images(report: dict[str, Any], thumbnails: dict[int, str]) -> str:
+def _heatmap_note(g: dict[str, Any]) -> str:
+    info = g.get("heatmaps") or {}
+    if info.get("maps"):
+        return (f'<p class="note" data-heatmaps="{info["maps"]}">Beside each image: where the model looked '
+                f"(Grad-CAM on layer <code>{esc(info.get('layer'))}</code>; red is where the class score rises "
+                "most), for the predicted class and, when it is wrong, for the true class. At most "
+                f"{esc(info['cap'])} images are explained, the misclassified first; "
+                "<code>imgclf explain BUNDLE IMAGE</code> explains any image.</p>")
+    if info.get("note"):
+        return f'<p class="note" data-heatmaps="0">No heatmaps: {esc(info["note"])}.</p>'
+    return ""
+
+
+def _section_images(report: dict[str, Any], thumbnails: dict[int, str], heatmaps: dict[tuple[int, str], str]) -> str:
     g = report["galleries"]
-    parts = [_open("images"), "<h3>Misclassified, highest loss first</h3>"]
+    parts = [_open("images"), _heatmap_note(g), "<h3>Misclassified, highest loss first</h3>"]
     if g["top_losses"]:
         parts.append('<p class="note">Confidence is the probability of the predicted class after temperature '
                      "scaling, as <code>predict</code> reports it; loss is −log p(true class).</p>")
         parts.append('<div class="gallery">' + "".join(
-            _tile(item, thumbnails.get(item["position"], ""), wrong=True) for item in g["top_losses"]) + "</div>")
+            _tile(item, thumbnails.get(item["position"], ""), wrong=True, heatmaps=heatmaps)
+            for item in g["top_losses"]) + "</div>")
     else:
         parts.append('<p class="note">No misclassified images.</p>')
     parts.append(f"<h3>Most confident correct, per class (up to {g.get('per_class', 0)})</h3>")
     for name, items in g["confident_correct"].items():
-        tiles = "".join(_tile(item, thumbnails.get(item["position"], ""), wrong=False) for item in items)
+        tiles = "".join(_tile(item, thumbnails.get(item["position"], ""), wrong=False, heatmaps=heatmaps)
+                        for item in items)
         parts.append(f'<div class="row"><div class="name">{esc(name)}</div>'
                      f'<div class="gallery">{tiles or "<span class=note>none correct</span>"}</div></div>')
     return "".join(parts) + "</section>"
