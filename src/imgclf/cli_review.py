@@ -28,8 +28,9 @@ def add_review(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--backbone", default=DEFAULT_BACKBONE, help=f"pretrained features (default {DEFAULT_BACKBONE})")
     p.add_argument("--image-size", type=int, help="input side in px (default: the backbone's, less for small images)")
     p.add_argument("--bundle", metavar="DIR", help="use a trained bundle's backbone for the features instead")
-    p.add_argument("--mirror", action="store_true", help="average each image's features with its mirror's "
-                   "(test-time augmentation; 2x the first run)")
+    p.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=True,
+                   help="average each image's features with its mirror's (default; --no-mirror halves the first "
+                   "run's network time)")
     p.add_argument("--folds", type=int, default=5, help="folds of the out-of-fold probe (default 5)")
     p.add_argument("--filter-by", choices=FILTER_METHODS, default="prune_by_noise_rate",
                    help="cleanlab's method for which images are issues")
