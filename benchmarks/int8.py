@@ -20,6 +20,8 @@ non-int8 runtime for the frozen forward; a file at most 30% of fp32's.
 Usage:
     python benchmarks/int8.py                                   # lite0 and lite1
     python benchmarks/int8.py --backbones tf_efficientnet_lite0 --rounds 2
+    python benchmarks/int8.py --keep-exports          # re-measure the int8 models already exported
+    python benchmarks/int8.py --accuracy-aware openvino   # retry only OpenVINO refusals accuracy-aware
 """
 
 from __future__ import annotations
@@ -65,15 +67,16 @@ def bundle_for(backbone: str, data: Path) -> Path:
     return bundle
 
 
-def export_both(bundle: Path) -> list[str]:
+def export_both(bundle: Path, accuracy_aware_formats: list[str]) -> list[str]:
     """int8 exports for OpenVINO and ONNX, as a user would make them: the default first, and on a
-    refusal the next step the message offers (`--accuracy-aware`). Returns one line per attempt."""
+    refusal the next step the message offers (`--accuracy-aware`, for `accuracy_aware_formats`).
+    Returns one line per attempt."""
     from imgclf.errors import ImgclfError
     from imgclf.export import export_int8
 
     lines = []
     for fmt in ("openvino", "onnx"):
-        for accuracy_aware in (False, True):
+        for accuracy_aware in (False, True) if fmt in accuracy_aware_formats else (False,):
             started = time.perf_counter()
             try:
                 gate = export_int8(bundle, format=fmt, accuracy_aware=accuracy_aware).quantized.gate
@@ -118,7 +121,22 @@ def engines(model, bundle: Path) -> dict[str, tuple[object, int]]:  # noqa: ANN0
         if path.is_file():
             files = [path, path.with_suffix(".bin")] if fmt == "openvino" else [path]
             found[f"{fmt} int8"] = (Int8Forward(module, path, fmt), sum(f.stat().st_size for f in files))
+        else:  # refused by the gate: quantized again without it, to show what was refused
+            found[f"{fmt} int8 (refused)"] = ungated_int8(model, fmt)
     return found
+
+
+def ungated_int8(model, fmt: str) -> tuple[object, int]:  # noqa: ANN001
+    """The default int8 quantization of `fmt` without the gate (quantize's own steps), kept in memory."""
+    from imgclf.quantize import _quantize_onnx, _quantize_openvino, gate_data
+    from imgclf.runtime.int8 import Int8Forward
+
+    data = gate_data(model)
+    quantize = _quantize_openvino if fmt == "openvino" else _quantize_onnx
+    with tempfile.TemporaryDirectory() as folder:
+        path, _ = quantize(model, data, Path(folder), accuracy_aware=False, max_drop=1.0)
+        files = [path, path.with_suffix(".bin")] if fmt == "openvino" else [path]
+        return Int8Forward(model.module, path, fmt), sum(f.stat().st_size for f in files)
 
 
 def forward_pass(forward, store) -> tuple[float, np.ndarray]:  # noqa: ANN001
@@ -135,7 +153,7 @@ def forward_pass(forward, store) -> tuple[float, np.ndarray]:  # noqa: ANN001
     return len(store) / (time.perf_counter() - start), top1
 
 
-def measure(backbone: str, data: Path, rounds: int) -> list[Row]:
+def measure(backbone: str, data: Path, rounds: int, *, export: bool, accuracy_aware: list[str]) -> list[Row]:
     import torch
 
     import imgclf
@@ -145,7 +163,8 @@ def measure(backbone: str, data: Path, rounds: int) -> list[Row]:
     from imgclf.runtime.int8 import INT8_RUNTIMES
 
     bundle = bundle_for(backbone, data)
-    EXPORTS.extend(export_both(bundle))
+    if export:
+        EXPORTS.extend(export_both(bundle, accuracy_aware))
     model = imgclf.load(bundle)
     images, _ = load_eval_split(str(data), model.classes)
     store = ImageStore.decode(images, model.preprocessing, memory_budget=2**31, description="decode test")
@@ -205,17 +224,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backbones", nargs="+", default=["tf_efficientnet_lite0", "tf_efficientnet_lite1"])
     parser.add_argument("--rounds", type=int, default=3, help="frozen-forward rounds; the best counts")
+    parser.add_argument("--accuracy-aware", nargs="*", default=["openvino", "onnx"], metavar="FORMAT",
+                        help="formats whose refused export is retried with --accuracy-aware (default both)")
+    parser.add_argument("--keep-exports", action="store_true", help="measure the int8 models already in the bundles")
     args = parser.parse_args()
     data = first_per_class(ensure_data(), {"train": 300, "test": 100}, CACHE / "cifar-300-100")
-    rows = [row for backbone in args.backbones for row in measure(backbone, data, args.rounds)]
     from imgclf.runtime.int8 import describe_int8_hardware
 
-    print(f"\nCIFAR-10 JPEG (3,000 train, 1,000 test), {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {describe_int8_hardware()}")
-    print("\nint8 exports (gate: validation top-1, default runtime vs int8, at most 1 point lost):")
-    for line in EXPORTS:
-        print(f"  {line}")
-    print_table(rows)
+    rows: list[Row] = []
+    for backbone in args.backbones:  # a table after each backbone, so a long run shows what it has
+        rows += measure(backbone, data, args.rounds, export=not args.keep_exports, accuracy_aware=args.accuracy_aware)
+        print(f"\nCIFAR-10 JPEG (3,000 train, 1,000 test), {platform.processor() or platform.machine()}, "
+              f"{os.cpu_count()} cores, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
+              f"{describe_int8_hardware()}")
+        print("\nint8 exports (gate: validation top-1, default runtime vs int8, at most 1 point lost):")
+        for line in EXPORTS:
+            print(f"  {line}")
+        print_table(rows)
 
 
 if __name__ == "__main__":

@@ -271,6 +271,9 @@ def quantize_model(model: Model, format: str, data: GateData, workdir: Path, *,
         method=method)
     log(f"gate: top-1 {gate.reference_accuracy:.2%} ({gate.reference_runtime}) -> {gate.int8_accuracy:.2%} "
         f"(int8): drop {gate.drop_points:.2f} points, limit {max_drop:g}: {'passed' if gate.passed else 'REFUSED'}")
+    if 100.0 / len(labels) > max(max_drop, 0.0):
+        log(f"note: with {len(labels)} validation images one image is {100.0 / len(labels):.2f} points, more than "
+            f"--max-drop {max_drop:g}: the gate passes only if int8 gets at least as many right")
     if not gate.passed:
         raise GateError(gate, bundle=bundle_name)
     speed = SpeedReport(_images_per_second(reference, data.validation), _images_per_second(int8, data.validation),
