@@ -100,6 +100,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not is_main():  # under torchrun, rank 0 prints the results once
         return 0
     for split, values in model.info.metrics.items():
+        if values.get("task") == "multi-label":
+            print(f"{split}: {_multilabel_line(values)}")
+            continue
         # Skewed classes: lead with the metrics that the majority class cannot inflate.
         lead = (f"balanced accuracy {values['balanced_accuracy']:.4f}, macro-F1 {values['macro_f1']:.4f} "
                 "(skewed classes); " if _imbalanced(values) else "")
@@ -165,15 +168,21 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument("--runtime", choices=["auto", "torch", "openvino", "openvino-int8", "onnx-int8"], default="auto",
                    help="*-int8: the bundle's int8 model (imgclf export DIR --int8), to check it")
     p.add_argument("--tta", action="store_true", help="also score the image + its mirror averaged (2x the cost)")
+    p.add_argument("--threshold", type=_probability, metavar="P",
+                   help="multi-label: one threshold for every label instead of those stored in the bundle")
     p.set_defaults(handler=cmd_evaluate)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from imgclf.api import evaluate
 
-    metrics = evaluate(args.model, args.data, batch_size=args.batch_size, runtime=args.runtime, tta=args.tta)
+    metrics = evaluate(args.model, args.data, batch_size=args.batch_size, runtime=args.runtime, tta=args.tta,
+                       threshold=args.threshold)
     if args.json:
         print(json.dumps(metrics))
+        return 0
+    if metrics.get("task") == "multi-label":
+        _print_multilabel_evaluation(metrics)
         return 0
     print(f"{metrics['data']} ({metrics['split']}, {metrics['num_images']} images)")
     # Skewed classes: lead with the metrics that are not fooled by the majority class.
@@ -197,6 +206,30 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _multilabel_line(metrics: dict[str, Any]) -> str:
+    return (f"mAP {metrics['mAP']:.4f}, micro-F1 {metrics['micro_f1']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, "
+            f"subset accuracy {metrics['subset_accuracy']:.4f}, Hamming loss {metrics['hamming_loss']:.4f} "
+            f"({metrics['num_images']} images)")
+
+
+def _print_multilabel_evaluation(metrics: dict[str, Any]) -> None:
+    """The text form of a multi-label `evaluate`: the summary, then per label, worst AP first."""
+    from imgclf.evaluation.multilabel import worst_labels
+
+    print(f"{metrics['data']} ({metrics['split']}, {metrics['num_images']} images; thresholds from "
+          f"{metrics['threshold_source']})")
+    print(f"  {_multilabel_line(metrics)}")
+    width = max(len(c) for c in metrics["classes"])
+    print(f"\n  {'label':<{width}}  precision  recall     f1      AP  threshold  support")
+    for name in worst_labels(metrics):
+        row = metrics["per_label"][name]
+        ap = f"{row['ap']:6.4f}" if row["ap"] is not None else "     -"
+        print(f"  {name:<{width}}  {row['precision']:9.4f}  {row['recall']:6.4f}  {row['f1']:5.4f}  {ap}  "
+              f"{row['threshold']:9.3f}  {row['support']:7d}")
+    if metrics["skipped_files"]:
+        print(f"\n  skipped {len(metrics['skipped_files'])} unreadable file(s)")
+
+
 def _imbalanced(metrics: dict[str, Any]) -> bool:
     from imgclf.evaluation import is_imbalanced
 
@@ -212,7 +245,20 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--runtime", choices=["auto", "torch", "onnx", "openvino", "openvino-int8", "onnx-int8"],
                    default="auto", help="*-int8: the bundle's int8 model, written by imgclf export DIR --int8")
+    p.add_argument("--threshold", type=_probability, metavar="P",
+                   help="multi-label: one threshold for every label instead of those stored in the bundle")
     p.set_defaults(handler=cmd_predict)
+
+
+def _probability(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a probability between 0 and 1, got {text!r}")
+    return value
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -229,12 +275,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     runtime = model.forward_function(args.runtime).runtime
     start = time.perf_counter()
     predictions = model.predict([str(f) for f in files], top_k=args.top_k, batch_size=args.batch_size,
-                                runtime=args.runtime)
+                                runtime=args.runtime, threshold=args.threshold)
     seconds = time.perf_counter() - start
     log(f"{len(files)} image(s) in {seconds:.2f} s ({len(files) / max(seconds, 1e-9):.1f} img/s) on {runtime}, "
         f"after {start - built:.1f} s to prepare it")
     rows = [p.to_dict() for p in predictions]
-    if args.format == "json":
+    if model.multilabel:
+        _print_multilabel_predictions(rows, args.format)
+    elif args.format == "json":
         print(json.dumps(rows, indent=2))
     elif args.format == "csv":
         buffer = io.StringIO()
@@ -254,6 +302,34 @@ def cmd_predict(args: argparse.Namespace) -> int:
             guesses = "  ".join(f"{t['label']} {t['probability']:.3f}" for t in row["top_k"])
             print(f"{row['source']}\t{guesses}")
     return 1 if any(r["error"] for r in rows) else 0
+
+
+def _print_multilabel_predictions(rows: list[dict[str, Any]], form: str) -> None:
+    """Multi-label predictions, one row per image: every label over its threshold, with probabilities.
+
+    CSV: `source,labels,probabilities,error` with `;`-separated labels (the training CSV's form)
+    and their probabilities in the same order; an empty `labels` means none of them.
+    """
+    if form == "json":
+        print(json.dumps(rows, indent=2))
+        return
+    if form == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(["source", "labels", "probabilities", "error"])
+        for row in rows:
+            found = row.get("labels") or []
+            writer.writerow([row["source"], ";".join(x["label"] for x in found),
+                             ";".join(f"{x['probability']:.6f}" for x in found), row["error"] or ""])
+        sys.stdout.write(buffer.getvalue())
+        return
+    for row in rows:
+        if row["error"]:
+            print(f"{row['source']}\tERROR: {row['error']}")
+            continue
+        found = row.get("labels") or []
+        text = "  ".join(f"{x['label']} {x['probability']:.3f}" for x in found) or "(no label over its threshold)"
+        print(f"{row['source']}\t{text}")
 
 
 def _add_backbones(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -318,9 +394,13 @@ def cmd_report(args: argparse.Namespace) -> int:
                         device=args.device, runtime=args.runtime)
     metrics = json.loads((html.parent / "metrics.json").read_text(encoding="utf-8"))
     m, c = metrics["metrics"], metrics["calibration"]
-    print(f"{metrics['split']}: accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f} ({m['num_images']} images)")
-    print(f"calibration: T = {c['temperature']:.3f} (fitted on val, stored in the bundle); "
-          f"ECE {c['ece_before']:.4f} -> {c['ece_after']:.4f}")
+    if metrics.get("task") == "multi-label":
+        print(f"{metrics['split']}: {_multilabel_line(m)}")
+    else:
+        print(f"{metrics['split']}: accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f} "
+              f"({m['num_images']} images)")
+        print(f"calibration: T = {c['temperature']:.3f} (fitted on val, stored in the bundle); "
+              f"ECE {c['ece_before']:.4f} -> {c['ece_after']:.4f}")
     if metrics.get("tta"):
         print(f"TTA: accuracy {metrics['tta']['accuracy_without']:.4f} -> {metrics['tta']['accuracy']:.4f}")
     if args.screenshot:

@@ -89,6 +89,8 @@ def add_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg
     p.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body in MiB (default 16)")
     p.add_argument("--max-concurrency", type=int, default=64,
                    help="requests in flight before new ones get 503 (default 64)")
+    p.add_argument("--threshold", type=float, metavar="P",
+                   help="multi-label: one threshold for every label instead of those stored in the bundle")
     p.set_defaults(handler=cmd_serve)
 
 
@@ -103,7 +105,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ImgclfError("--top-k and --max-concurrency must be at least 1, --max-body-mb above 0")
     if args.runtime in INT8_RUNTIMES:  # fail now, not in the server's warm-up, if there is no gated int8 model
         read_gated_sidecar(args.model, INT8_RUNTIMES[args.runtime])
+    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
+        raise ImgclfError(f"--threshold must be a probability between 0 and 1, got {args.threshold}")
     settings = ServeSettings(runtime=args.runtime, top_k=args.top_k, max_body_bytes=int(args.max_body_mb * 2**20),
-                             max_concurrency=args.max_concurrency)
+                             max_concurrency=args.max_concurrency, threshold=args.threshold)
     run_server(args.model, host=args.host, port=args.port, allow_remote=args.allow_remote, settings=settings)
     return 0
