@@ -435,7 +435,7 @@ def _sidecar(model: Model, format: str, path: Path, checks: dict[str, Any]) -> d
         "preprocessing": model.preprocessing.to_dict(),
         **checks,
         "source_bundle": BUNDLE_JSON,
-        "backbone": model.meta.get("backbone", {}),
+        "backbone": asdict(model.info.backbone),
         "versions": versions,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

@@ -37,7 +37,7 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> Model:
 
     Example:
         >>> model = imgclf.train(data="photos/", out="runs/photos", recipe="probe")  # doctest: +SKIP
-        >>> model.meta["metrics"]["val"]["accuracy"]  # doctest: +SKIP
+        >>> model.info.metrics["val"]["accuracy"]  # doctest: +SKIP
         0.93
     """
     cfg = resolve_run_config(config, **overrides)
@@ -62,7 +62,7 @@ def _train(cfg: TrainConfig, out: Path) -> Model:
     report_after_training(trained, run.dataset, out, stores=run.stores, predictions=run.predictions,
                           batch_size=cfg.batch_size, device=cfg.device)
     summary = ", ".join(f"{k} mAP {v['mAP']:.4f}" if "mAP" in v else f"{k} accuracy {v['accuracy']:.4f}"
-                        for k, v in trained.meta["metrics"].items())
+                        for k, v in trained.info.metrics.items())
     log(f"done in {time.perf_counter() - run.started:.0f} s: {summary}; bundle in {out}")
     return trained
 
