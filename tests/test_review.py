@@ -20,7 +20,7 @@ from imgclf.cli import main
 from imgclf.data.decisions import apply_decisions, read_decisions
 from imgclf.data.sources import load_dataset
 from imgclf.errors import BundleError, DataError
-from imgclf.review import ReviewSettings, embed_files, load_embeddings, review_data, save_embeddings, similar_images
+from imgclf.review import embed_files, load_embeddings, save_embeddings, similar_images
 from imgclf.review.issues import find_label_issues, find_outliers, out_of_fold_probabilities
 from imgclf.review.rank import k_center_greedy, rank_images, select_to_label, uncertainty
 from imgclf.review.similar import SimilarityIndex
