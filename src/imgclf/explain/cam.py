@@ -43,8 +43,8 @@ def check_runtime(runtime: str) -> None:
         return
     if runtime in NO_GRADIENT_RUNTIMES:
         raise ExplainError(
-            f"the {runtime} runtime cannot explain a prediction: it runs a frozen graph without gradients, "
-            "and Grad-CAM needs the gradient of the class score",
+            f"the {runtime} runtime cannot backpropagate, so it cannot explain a prediction: it runs a frozen "
+            "graph without gradients, and Grad-CAM needs the gradient of the class score",
             expected="runtime auto or torch (explanations always run on the bundle's PyTorch network)",
             fix="drop --runtime (or pass --runtime torch); predictions on the other runtimes are unaffected",
         )
