@@ -147,7 +147,7 @@ def find_outliers(features: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray,
     install, for what is three lines here. `labels` are not used: an outlier is unlike all images.
 
     Example:
-        >>> x = np.random.default_rng(0).normal(size=(50, 8)); x[7] = -x[7] * 40 + 50
+        >>> x = np.random.default_rng(0).normal(size=(50, 8)) + 10; x[7] = -x[7]  # pointing the other way
         >>> flagged, scores = find_outliers(x, np.zeros(50, int))
         >>> 7 in flagged.tolist()
         True
