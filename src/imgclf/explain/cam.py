@@ -64,6 +64,21 @@ def check_method(method: str) -> str:
     return method
 
 
+def _track_gradients_from(network: torch.nn.Module, target: torch.nn.Module) -> None:
+    """Let autograd record the graph from the target layer on, and nothing before it.
+
+    Grad-CAM needs only d(class score)/d(target output). With the target's own parameters the only
+    ones that require a gradient, the backward pass runs from the logits back to the target layer and
+    stops there: no weight gradients for the rest of the network, no pass through the earlier layers
+    (the bulk of a CNN's cost). A target without parameters needs every parameter tracked.
+    """
+    own = list(target.parameters())
+    for parameter in network.parameters():
+        parameter.requires_grad_(not own)
+    for parameter in own:
+        parameter.requires_grad_(True)
+
+
 class Explainer:
     """Grad-CAM (or Grad-CAM++, EigenCAM) maps for a bundle's model, on the CPU in PyTorch.
 
@@ -85,9 +100,8 @@ class Explainer:
         # A private float32 copy: grad-cam hooks its target layer, and the bundle's module may be
         # predicting on another thread (serve) or be in channels_last/bf16 for the frozen runtime.
         self.network = copy.deepcopy(model.module).float().eval()
-        for parameter in self.network.parameters():
-            parameter.requires_grad_(True)  # the target layer's output needs a gradient path
         self.target: TargetLayer = find_target_layer(self.network.backbone, model.info.backbone, layer)
+        _track_gradients_from(self.network, self.target.module)
         cam_class = getattr(pytorch_grad_cam, METHODS[method])
         self.cam: Any = cam_class(model=self.network, target_layers=[self.target.module],
                                   reshape_transform=self.target.reshape)
