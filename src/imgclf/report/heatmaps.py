@@ -72,9 +72,14 @@ def gallery_heatmaps(report: dict[str, Any], model: Model, store: Store) -> dict
     kept, batch = store.batch(np.array(sorted({p for p, _ in pairs}), dtype=np.int64))
     row = {int(p): i for i, p in enumerate(kept)}
     pairs = [(p, name) for p, name in pairs if p in row]  # an image unreadable since prediction has none
-    images = batch[[row[p] for p, _ in pairs]].contiguous()
-    found = explain_batch(explainer, images, [str(p) for p, _ in pairs],
-                          targets=[model.classes.index(name) for _, name in pairs])
+    images = batch.cpu()[[row[p] for p, _ in pairs]].contiguous()  # the explainer's copy runs on the CPU
+    try:
+        found = explain_batch(explainer, images, [str(p) for p, _ in pairs],
+                              targets=[model.classes.index(name) for _, name in pairs])
+    except Exception as exc:  # the maps are an aid: a failure here must not cost the rest of the report
+        summary["note"] = f"Grad-CAM failed ({type(exc).__name__}: {exc})"
+        log(f"warning: report: no heatmaps in the galleries: {summary['note']}")
+        return {}
     uris = {pair: figures.data_uri(figures.thumbnail(Image.fromarray(e.overlay), HEATMAP_SIDE))
             for pair, e in zip(pairs, found, strict=True)}
     summary.update(images=len(row), maps=len(uris), seconds=round(time.perf_counter() - started, 1))

@@ -327,8 +327,9 @@ def _heatmap_note(g: dict[str, Any]) -> str:
         return (f'<p class="note" data-heatmaps="{info["maps"]}">Beside each image: where the model looked '
                 f"(Grad-CAM on layer <code>{esc(info.get('layer'))}</code>; red is where the class score rises "
                 "most), for the predicted class and, when it is wrong, for the true class. At most "
-                f"{esc(info['cap'])} images are explained, the misclassified first; "
-                "<code>imgclf explain BUNDLE IMAGE</code> explains any image.</p>")
+                f"{esc(info['cap'])} images are explained, the misclassified first, on the bundle's PyTorch network "
+                "(OpenVINO and ONNX cannot backpropagate); <code>imgclf explain BUNDLE IMAGE</code> explains any "
+                "image.</p>")
     if info.get("note"):
         return f'<p class="note" data-heatmaps="0">No heatmaps: {esc(info["note"])}.</p>'
     return ""
