@@ -8,8 +8,9 @@ images drawn at random (per seed), then adds 500 at a time up to 3,000, chosen
 - `random`: at random from the rest of the pool;
 - `margin`: the 500 with the smallest margin between the two most probable classes (uncertainty
   alone, `select_to_label(..., pool_factor=1)`);
-- `rank`: what `imgclf rank` picks (`select_to_label` with its defaults: margin, then k-center
-  greedy among the 3 x 500 most uncertain).
+- `rank`: what `imgclf rank` picks (`select_to_label` with its defaults: margin, then k-means
+  into 500 clusters of the 3 x 500 most uncertain, the most uncertain of each);
+- `rank-kcenter`: the same with k-center greedy instead of k-means.
 
 After each step a linear probe (`training.probe.fit_logistic`, L2 `L2`, the same head as
 `train --recipe probe`) is fitted on the labelled images and scored on the test set. Three seeds;
@@ -86,14 +87,15 @@ def run(strategy: str, seed: int, data: tuple[np.ndarray, ...]) -> list[float]:
             with torch.no_grad():
                 probs = torch.softmax(head(torch.from_numpy(pool_x[rest])), dim=1).numpy()
             pool_factor = 1 if strategy == "margin" else 3
-            new = rest[select_to_label(probs, pool_x[rest], STEP, pool_factor=pool_factor)]
+            diversity = "kcenter" if strategy == "rank-kcenter" else "kmeans"
+            new = rest[select_to_label(probs, pool_x[rest], STEP, pool_factor=pool_factor, diversity=diversity)]
         labelled = np.concatenate([labelled, new])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--strategies", nargs="+", default=["random", "margin", "rank"])
+    parser.add_argument("--strategies", nargs="+", default=["random", "margin", "rank", "rank-kcenter"])
     args = parser.parse_args()
     started = time.perf_counter()
     data = features()

@@ -5,10 +5,12 @@ Uncertainty sampling with a diversity step:
 1. The bundle's calibrated probabilities (its head on its backbone's features, divided by its
    temperature) give each image an uncertainty: `margin` (1 - (p1 - p2), the gap between the two
    most probable classes; Scheffer et al. 2001) or `entropy` (of the probabilities, over log C).
-2. The most uncertain `POOL_FACTOR` x N images are candidates, and k-center greedy (Sener &
-   Savarese, "Core-Set", ICLR 2018) picks N of them spread over the embedding space: each pick is
-   the candidate farthest (cosine) from those already picked, starting from the most uncertain. So
-   the top N are not 50 near-copies of one confusing picture.
+2. The most uncertain `POOL_FACTOR` x N images are candidates; k-means (scikit-learn) groups
+   them into N clusters on the embeddings and each cluster gives its most uncertain image (as in
+   Citovsky et al., "Batch Active Learning at Scale", NeurIPS 2021). So the top N are not 50
+   near-copies of one confusing picture. k-center greedy (Sener & Savarese, "Core-Set", ICLR
+   2018: each pick the candidate farthest from those picked) is the other choice; it reaches for
+   outliers first, and lost to random early on in benchmarks/active_learning.py.
 
 k-center greedy is written here (a dozen lines of numpy): the libraries that have it (e.g.
 modAL, baal) bring a training framework with them.
@@ -75,11 +77,33 @@ def k_center_greedy(embeddings: np.ndarray, n: int, *, first: int = 0) -> np.nda
     return np.asarray(picked, dtype=np.int64)
 
 
+def cluster_pick(embeddings: np.ndarray, scores: np.ndarray, n: int, *, seed: int = 0) -> np.ndarray:
+    """`n` row indices: k-means (cosine) makes `n` clusters, and each gives its most uncertain member.
+
+    Unlike k-center greedy, which reaches for the farthest points first (outliers, worth little
+    to a classifier), every pick stands for a group of similar images.
+
+    Example:
+        >>> emb = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+        >>> sorted(cluster_pick(emb, np.array([0.2, 0.9, 0.5, 0.4]), 2).tolist())
+        [1, 2]
+    """
+    from sklearn.cluster import KMeans
+
+    x = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
+    n = min(n, len(x))
+    clusters = KMeans(n_clusters=n, n_init=1, random_state=seed).fit_predict(x)
+    picks = np.asarray([members[np.argmax(scores[members])]
+                        for members in (np.flatnonzero(clusters == c) for c in range(n)) if len(members)])
+    return picks[np.argsort(-scores[picks], kind="stable")]
+
+
 def select_to_label(
     probabilities: np.ndarray, embeddings: np.ndarray, n: int, *, method: str = "margin",
-    pool_factor: float = POOL_FACTOR,
+    pool_factor: float = POOL_FACTOR, diversity: str = "kmeans",
 ) -> np.ndarray:
-    """Indices of the `n` images to label next, in the order to label them.
+    """Indices of the `n` images to label next, most uncertain first (`diversity="kmeans"`) or in
+    k-center greedy's order (`"kcenter"`).
 
     Example:
         >>> probs = np.array([[0.5, 0.5], [0.51, 0.49], [0.99, 0.01], [0.6, 0.4]])
@@ -87,9 +111,13 @@ def select_to_label(
         >>> select_to_label(probs, emb, 2, pool_factor=1.5).tolist()
         [0, 3]
     """
+    if diversity not in ("kmeans", "kcenter"):
+        raise ConfigError(f"unknown diversity {diversity!r}", expected="kmeans or kcenter")
     scores = uncertainty(probabilities, method)
     pool = np.argsort(-scores, kind="stable")[: max(n, int(round(pool_factor * n)))]
-    return pool[k_center_greedy(embeddings[pool], n)]
+    if diversity == "kcenter":
+        return pool[k_center_greedy(embeddings[pool], n)]
+    return pool[cluster_pick(embeddings[pool], scores[pool], n)]
 
 
 @dataclass
