@@ -67,8 +67,8 @@ def _export_int8(args: argparse.Namespace) -> int:
           f"({gate.reference_runtime}) -> {gate.int8_accuracy:.2%} int8, drop {gate.drop_points:.2f} points "
           f"(limit {gate.max_drop_points:g}), agreement {gate.top1_agreement:.1%}")
     print(f"speed: {speed.int8_images_per_second:.0f} img/s int8 vs {speed.reference_images_per_second:.0f} "
-          f"({speed.speedup:.2f}x); size: {q.int8_bytes / 2**20:.1f} MiB vs {q.fp32_bytes / 2**20:.1f} MiB fp32 "
-          f"({q.int8_bytes / q.fp32_bytes:.0%})")
+          f"{speed.reference_runtime} ({speed.speedup:.2f}x); size: {q.int8_bytes / 2**20:.1f} MiB vs "
+          f"{q.fp32_bytes / 2**20:.1f} MiB fp32 ({q.int8_bytes / q.fp32_bytes:.0%})")
     print(f"{result.format} int8: {result.path}")
     print(f"sidecar: {result.sidecar}")
     if result.in_bundle:
