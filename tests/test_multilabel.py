@@ -95,7 +95,8 @@ def test_metrics_match_scikit_learn() -> None:
 def test_multi_output_probe_separates_labels() -> None:
     gen = torch.Generator().manual_seed(0)
     targets = (torch.rand(300, 4, generator=gen) < 0.3).float()
-    features = torch.cat([targets * 2 + 0.5 * torch.randn(300, 4, generator=gen), torch.randn(300, 6, generator=gen)], 1)
+    signal = targets * 2 + 0.5 * torch.randn(300, 4, generator=gen)  # one informative feature per label
+    features = torch.cat([signal, torch.randn(300, 6, generator=gen)], 1)
     result = fit_multilabel_probe(features[:200], targets[:200], features[200:], targets[200:], [1e-2, 1e-1, 1.0])
     assert result.val_accuracy > 0.95  # val mAP
     logits = result.head(features[200:]).detach()
