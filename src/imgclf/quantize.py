@@ -347,7 +347,9 @@ def _quiet_nncf() -> Any:
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     import nncf
 
-    nncf.set_log_level(logging.WARNING)
+    # The logger's level only: nncf.set_log_level also sets the level of every handler attached to
+    # it, which may be an application's (or pytest's) shared handler.
+    logging.getLogger("nncf").setLevel(logging.WARNING)
     return nncf
 
 
