@@ -26,7 +26,7 @@ from imgclf.training.probe import fit_logistic, fit_probe
 
 # cleanlab's `filter_by` methods (cleanlab.filter.find_label_issues) and the scores it ranks by
 # (cleanlab.rank.get_label_quality_scores). Measured on CIFAR-10 with 5% and 10% flipped labels in
-# benchmarks/results/review.md.
+# BENCHMARKS.md, issue 17.
 FILTER_METHODS = ("prune_by_noise_rate", "prune_by_class", "both", "confident_learning", "predicted_neq_given",
                   "low_normalized_margin", "low_self_confidence")
 RANK_METHODS = ("self_confidence", "normalized_margin", "confidence_weighted_entropy")

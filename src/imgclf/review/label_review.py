@@ -106,14 +106,14 @@ class ReviewResult:
 
 @dataclass(frozen=True)
 class ReviewSettings:
-    """How `review_data` decides (defaults measured in benchmarks/results/review.md)."""
+    """How `review_data` decides (defaults measured in BENCHMARKS.md, issue 17)."""
 
     backbone: str = DEFAULT_BACKBONE  # pretrained features; ignored when `bundle` is given
     image_size: int | None = None  # None: the backbone's size, less for small images (as the probe)
     bundle: str | None = None  # features from this trained bundle's backbone instead
     # Average the features of each image and its mirror (test-time augmentation): 2x the first run's
     # network time. CIFAR-10, 10% flipped: recall of the flagged set 0.838 -> 0.852 (0.85 is the
-    # issue's target), 5%: precision 0.508 -> 0.534 (benchmarks/results/review.md).
+    # issue's target), 5%: precision 0.508 -> 0.534 (BENCHMARKS.md, issue 17).
     mirror: bool = True
     folds: int = DEFAULT_FOLDS
     filter_by: str = DEFAULT_FILTER  # cleanlab's find_label_issues(filter_by=...)

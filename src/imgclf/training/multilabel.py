@@ -9,7 +9,7 @@ L2 strength chosen on val by mean average precision (mAP, macro over labels), th
 score that the fine-tuning epochs are also selected by.
 
 Asymmetric loss (Ridnik et al., 2021) was not adopted: BCE is what the issue asks for by default,
-and no measurement here showed it worse (see benchmarks/results/multilabel.md).
+and no measurement here showed it worse (see BENCHMARKS.md, issue 19).
 """
 
 from __future__ import annotations
