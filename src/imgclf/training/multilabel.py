@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from imgclf.training.probe import PATH_STOP_DROP, ProbeResult, _Standardized
+from imgclf.training.probe import PATH_STOP_DROP, ProbeResult, _Standardized, minimise_l2
 
 
 def multilabel_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -65,19 +65,7 @@ def _lbfgs_bce(
     z: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *, l2: float, max_iter: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Minimise `multilabel_loss` + l2/2 |W|^2 on standardised features (full batch, L-BFGS)."""
-    weight = weight.clone().requires_grad_(True)
-    bias = bias.clone().requires_grad_(True)
-    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, history_size=20,
-                                  tolerance_change=1e-7, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = multilabel_loss(torch.addmm(bias, z, weight.T), y) + 0.5 * l2 * weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    return weight.detach(), bias.detach()
+    return minimise_l2(z, weight, bias, lambda logits: multilabel_loss(logits, y), l2=l2, max_iter=max_iter)
 
 
 def fit_multilabel_probe(

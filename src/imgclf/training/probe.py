@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -67,29 +68,44 @@ class _Standardized:
         return weight * self.std, layer.bias.detach() + weight @ self.mean
 
 
-def _lbfgs(
-    z: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *, l2: float, max_iter: int,
-    class_weight: torch.Tensor | None, label_smoothing: float = 0.0,
+def minimise_l2(
+    z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+    data_loss: Callable[[torch.Tensor], torch.Tensor], *, l2: float, max_iter: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Minimise mean cross-entropy (optionally label-smoothed) + l2/2 |W|^2 on standardised features."""
+    """Minimise `data_loss(logits)` + l2/2 |W|^2 over a linear layer on standardised features `z`
+    (full batch, L-BFGS with a strong-Wolfe line search), from (`weight`, `bias`).
+
+    The single-label probe's loss is cross-entropy, the multi-label one's binary cross-entropy
+    (`training.multilabel`); both warm-start along the L2 path from the previous strength's fit.
+    """
     weight = weight.clone().requires_grad_(True)
     bias = bias.clone().requires_grad_(True)
     optimizer = torch.optim.LBFGS(
         [weight, bias], lr=1.0, max_iter=max_iter, history_size=20,
         tolerance_change=1e-7, line_search_fn="strong_wolfe",
     )
-    per_class = None if class_weight is None else class_weight.float()
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        loss = nn.functional.cross_entropy(torch.addmm(bias, z, weight.T), y, weight=per_class,
-                                           label_smoothing=label_smoothing)
-        loss = loss + 0.5 * l2 * weight.pow(2).sum()
+        loss = data_loss(torch.addmm(bias, z, weight.T)) + 0.5 * l2 * weight.pow(2).sum()
         loss.backward()
         return loss
 
     optimizer.step(closure)
     return weight.detach(), bias.detach()
+
+
+def _lbfgs(
+    z: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *, l2: float, max_iter: int,
+    class_weight: torch.Tensor | None, label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Minimise mean cross-entropy (optionally label-smoothed) + l2/2 |W|^2 on standardised features."""
+    per_class = None if class_weight is None else class_weight.float()
+
+    def cross_entropy(logits: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(logits, y, weight=per_class, label_smoothing=label_smoothing)
+
+    return minimise_l2(z, weight, bias, cross_entropy, l2=l2, max_iter=max_iter)
 
 
 def fit_logistic(
