@@ -207,6 +207,23 @@ def test_train_exclude_leaves_out_the_removed_images(image_folder: Path, tmp_pat
     assert main(["train", str(image_folder), "--out", str(tmp_path / "m2"), "--exclude", str(tmp_path / "no.csv")]) == 2
 
 
+def test_report_on_its_own_scores_the_split_training_scored(tmp_path: Path) -> None:
+    """`imgclf report DIR` rebuilds the data from the bundle: with the run's --exclude applied again."""
+    from imgclf.report import write_report
+
+    data = tmp_path / "data"
+    make_image_folder(data / "train", per_class=10)
+    make_image_folder(data / "val", per_class=4, seed=1)
+    removed = [data / "val" / "class_0" / f"{i:03d}.png" for i in range(3)]
+    decisions = _write(tmp_path / "d.csv", ["path", "given_label", "decision", "label"],
+                       [[str(p), "class_0", "remove", ""] for p in removed])
+    model = imgclf.train(data=str(data), out=str(tmp_path / "m"), backbone=TINY_BACKBONE, random_init=True,
+                         recipe="probe", image_size=32, batch_size=16, exclude=str(decisions))
+    assert model.info.metrics["val"]["num_images"] == 12 - 3
+    report = json.loads((write_report(tmp_path / "m").parent / "metrics.json").read_text())
+    assert report["split"] == "val" and report["metrics"]["num_images"] == 12 - 3
+
+
 # -- rank, embed, similar ------------------------------------------------------------------------
 
 

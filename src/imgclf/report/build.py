@@ -16,6 +16,7 @@ import numpy as np
 
 from imgclf.bundle import Model, read_bundle_json
 from imgclf.data.dataset import Dataset, ImageSet
+from imgclf.data.decisions import apply_decisions
 from imgclf.data.pipeline import ImageStore
 from imgclf.data.sources import load_dataset
 from imgclf.errors import BundleError, ConfigError
@@ -86,6 +87,8 @@ def write_report(
         )
     dataset = load_dataset(str(data), val_fraction=float(config.get("val_fraction", 0.1)),
                            seed=int(config.get("seed", 0)))
+    if str(data) == info.data_source:  # the training data: with the review decisions training applied
+        dataset = _with_recorded_decisions(dataset, config)
     if dataset.classes != model.classes:
         raise BundleError(
             f"the data {str(data)!r} has classes {', '.join(dataset.classes[:10])} but the model was trained "
@@ -95,6 +98,18 @@ def write_report(
         )
     return build_report(model, dataset, bundle_dir=Path(model_dir), data=str(data), out=out, tta=tta,
                         batch_size=batch_size, device=device, runtime=runtime)
+
+
+def _with_recorded_decisions(dataset: Dataset, config: dict[str, Any]) -> Dataset:
+    """`dataset` with the `--exclude`/`--relabel` files the run was trained with applied again, so the
+    report scores the same splits; a file that is gone is said, and the data is used as it is."""
+    files = {name: config.get(name) for name in ("exclude", "relabel")}
+    missing = [f"--{name} {path}" for name, path in files.items() if path and not Path(path).is_file()]
+    if missing:
+        log(f"warning: the run was trained with {', '.join(missing)}, which no longer exist(s); the report "
+            "scores the data without those decisions")
+        return dataset
+    return apply_decisions(dataset, exclude=files["exclude"], relabel=files["relabel"])
 
 
 def report_after_training(
