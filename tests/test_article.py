@@ -13,9 +13,11 @@ from torch import nn
 
 from imgclf.cli import main
 from imgclf.config import TrainConfig, resolve_config
+from imgclf.data.pipeline import ImageStore
 from imgclf.data.sources import load_dataset
 from imgclf.errors import BackboneError
 from imgclf.models.article import create_conv_base
+from imgclf.models.classifier import ImageClassifier
 from imgclf.summary import summarize_recipe
 from imgclf.training.article import PlateauScheduler, SeedAugmentation, build_seed_head
 
@@ -225,19 +227,26 @@ def test_summary_without_bundle_or_classes_is_a_clear_error(capsys: pytest.Captu
     assert "--num-classes" in capsys.readouterr().err
 
 
-def test_under_a_time_budget_the_article_epoch_stops_at_the_deadline(tmp_path: Path) -> None:
-    import time
-
-    from imgclf.config import TrainConfig
-    from imgclf.data.pipeline import ImageStore, Preprocessing
-    from imgclf.training.article import build_seed_model, fit_article
+def _tiny_article_run(tmp_path: Path) -> tuple[ImageClassifier, ImageStore, ImageStore]:
+    """The article's network on a random-init VGG11 at 32 px, with decoded train and val stores of 2 classes."""
+    from imgclf.data.pipeline import Preprocessing
+    from imgclf.training.article import build_seed_model
 
     dataset = load_dataset(str(make_image_folder(tmp_path / "data", classes=2, per_class=8, size=32)),
                            val_fraction=0.25, seed=0)
     prep = Preprocessing(image_size=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     train, val = (ImageStore.decode(s, prep, memory_budget=2**26, workers=1) for s in (dataset.train, dataset.val))
     base = create_conv_base("vgg11", image_size=32, random_init=True)
-    model = build_seed_model(base.model, base.num_features, 2)
+    return build_seed_model(base.model, base.num_features, 2), train, val
+
+
+def test_under_a_time_budget_the_article_epoch_stops_at_the_deadline(tmp_path: Path) -> None:
+    import time
+
+    from imgclf.config import TrainConfig
+    from imgclf.training.article import fit_article
+
+    model, train, val = _tiny_article_run(tmp_path)
     cfg = TrainConfig(data="d", out="o", recipe="article", batch_size=4, time_budget_minutes=1.0)
     # The deadline has passed: a budget run stops before its next step, even in the first epoch,
     # and the (empty) partial epoch is still scored on val.
@@ -258,15 +267,9 @@ def test_the_article_trains_in_the_shared_loop_keeping_its_last_epoch_and_platea
     last epoch kept even when an earlier one scored better (Keras' model.fit)."""
     import copy
 
-    from imgclf.data.pipeline import ImageStore, Preprocessing
-    from imgclf.training.article import ArticleStrategy, build_seed_model, fit_article
+    from imgclf.training.article import ArticleStrategy, fit_article
 
-    dataset = load_dataset(str(make_image_folder(tmp_path / "data", classes=2, per_class=8, size=32)),
-                           val_fraction=0.25, seed=0)
-    prep = Preprocessing(image_size=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
-    train, val = (ImageStore.decode(s, prep, memory_budget=2**26, workers=1) for s in (dataset.train, dataset.val))
-    base = create_conv_base("vgg11", image_size=32, random_init=True)
-    model = build_seed_model(base.model, base.num_features, 2)
+    model, train, val = _tiny_article_run(tmp_path)
 
     class Snapshots:
         def __init__(self) -> None:
