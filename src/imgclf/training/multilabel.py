@@ -15,12 +15,13 @@ and no measurement here showed it worse (see BENCHMARKS.md, issue 19).
 from __future__ import annotations
 
 import warnings
+from functools import partial
 
 import numpy as np
 import torch
 from torch import nn
 
-from imgclf.training.probe import PATH_STOP_DROP, ProbeResult, _Standardized, minimise_l2
+from imgclf.training.probe import ProbeResult, _Standardized, l2_path
 
 
 def multilabel_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -61,13 +62,6 @@ def mean_average_precision(scores: np.ndarray | torch.Tensor, targets: np.ndarra
         return float(average_precision_score(t[:, present], s[:, present], average="macro"))
 
 
-def _lbfgs_bce(
-    z: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *, l2: float, max_iter: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Minimise `multilabel_loss` + l2/2 |W|^2 on standardised features (full batch, L-BFGS)."""
-    return minimise_l2(z, weight, bias, lambda logits: multilabel_loss(logits, y), l2=l2, max_iter=max_iter)
-
-
 def fit_multilabel_probe(
     train_x: torch.Tensor,
     train_y: torch.Tensor,
@@ -97,23 +91,14 @@ def fit_multilabel_probe(
     y = train_y.float()
     num_labels = y.shape[1]
     prior = y.mean(0).clamp(1e-3, 1 - 1e-3) if len(y) else torch.full((num_labels,), 0.5)
-    weight, bias = torch.zeros(num_labels, train_x.shape[1]), torch.log(prior / (1 - prior))
-    best: ProbeResult | None = None
-    scores: dict[float, float] = {}
-    for l2 in sorted(l2_grid, reverse=True):
-        weight, bias = _lbfgs_bce(scaled.z, y, weight, bias, l2=l2, max_iter=max_iter)
-        head = scaled.fold(weight, bias)
-        with torch.no_grad():
-            score = mean_average_precision(head(val_x), val_y) if len(val_y) else 0.0
-        scores[l2] = score
-        if best is None or score > best.val_accuracy:
-            best = ProbeResult(head=head, l2=l2, val_accuracy=score, scores=scores)
-        elif score < best.val_accuracy - PATH_STOP_DROP:
-            break
-    if best is None:  # unreachable: the grid is not empty
-        raise RuntimeError("no L2 strength was fitted")
-    best.scores = scores
-    return best
+    start = torch.zeros(num_labels, train_x.shape[1]), torch.log(prior / (1 - prior))
+    return l2_path(scaled, start, l2_grid, partial(multilabel_loss, targets=y),
+                   partial(_val_map, val_x=val_x, val_y=val_y), max_iter=max_iter)
+
+
+def _val_map(head: nn.Linear, *, val_x: torch.Tensor, val_y: torch.Tensor) -> float:
+    """`head`'s mAP on (`val_x`, `val_y`); 0 without images."""
+    return mean_average_precision(head(val_x), val_y) if len(val_y) else 0.0
 
 
 class MultilabelLoss(nn.Module):

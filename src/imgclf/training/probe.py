@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -101,11 +102,8 @@ def _lbfgs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Minimise mean cross-entropy (optionally label-smoothed) + l2/2 |W|^2 on standardised features."""
     per_class = None if class_weight is None else class_weight.float()
-
-    def cross_entropy(logits: torch.Tensor) -> torch.Tensor:
-        return nn.functional.cross_entropy(logits, y, weight=per_class, label_smoothing=label_smoothing)
-
-    return minimise_l2(z, weight, bias, cross_entropy, l2=l2, max_iter=max_iter)
+    loss = partial(nn.functional.cross_entropy, target=y, weight=per_class, label_smoothing=label_smoothing)
+    return minimise_l2(z, weight, bias, loss, l2=l2, max_iter=max_iter)
 
 
 def fit_logistic(
@@ -171,26 +169,50 @@ def fit_probe(
     if not l2_grid:
         raise ValueError("l2_grid must not be empty")
     scaled = _Standardized.of(train_x)
-    y = train_y.long()
-    weight, bias = torch.zeros(num_classes, train_x.shape[1]), torch.zeros(num_classes)
+    start = torch.zeros(num_classes, train_x.shape[1]), torch.zeros(num_classes)
+    per_class = None if class_weight is None else class_weight.float()
+    loss = partial(nn.functional.cross_entropy, target=train_y.long(), weight=per_class,
+                   label_smoothing=label_smoothing)
+    balanced = class_weight is not None
+    return l2_path(scaled, start, l2_grid, loss, partial(_accuracy, val_x=val_x, val_y=val_y, balanced=balanced),
+                   max_iter=150)
+
+
+def _accuracy(head: nn.Linear, *, val_x: torch.Tensor, val_y: torch.Tensor, balanced: bool) -> float:
+    """`head`'s accuracy on (`val_x`, `val_y`), or with `balanced` its mean recall over classes; 0 without images."""
+    if not len(val_y):
+        return 0.0
+    correct = (head(val_x).argmax(1) == val_y).float()
+    if balanced:
+        return float(torch.stack([correct[val_y == c].mean() for c in val_y.unique()]).mean())
+    return float(correct.mean())
+
+
+def l2_path(
+    scaled: _Standardized, start: tuple[torch.Tensor, torch.Tensor], l2_grid: list[float],
+    data_loss: Callable[[torch.Tensor], torch.Tensor], score: Callable[[nn.Linear], float], *, max_iter: int,
+) -> ProbeResult:
+    """Fit one head per L2 strength, strongest to weakest, each warm-started from the previous (from
+    `start`, the weight and bias of the first); keep the best `score`. The path stops once a strength
+    scores `PATH_STOP_DROP` below the best; ties go to the stronger penalty (the simpler model).
+
+    Shared by the single-label probe (cross-entropy, accuracy) and the multi-label one (binary
+    cross-entropy, mAP: `training.multilabel`).
+    """
+    weight, bias = start
     best: ProbeResult | None = None
     scores: dict[float, float] = {}
     for l2 in sorted(l2_grid, reverse=True):
-        weight, bias = _lbfgs(scaled.z, y, weight, bias, l2=l2, max_iter=150, class_weight=class_weight,
-                              label_smoothing=label_smoothing)
+        weight, bias = minimise_l2(scaled.z, weight, bias, data_loss, l2=l2, max_iter=max_iter)
         head = scaled.fold(weight, bias)
         with torch.no_grad():
-            correct = (head(val_x).argmax(1) == val_y).float() if len(val_y) else torch.zeros(0)
-        if class_weight is not None and len(val_y):  # balanced accuracy: mean recall over classes
-            acc = float(torch.stack([correct[val_y == c].mean() for c in val_y.unique()]).mean())
-        else:
-            acc = float(correct.mean()) if len(val_y) else 0.0
-        scores[l2] = acc
-        if best is None or acc > best.val_accuracy:
-            best = ProbeResult(head=head, l2=l2, val_accuracy=acc, scores=scores)
-        elif acc < best.val_accuracy - PATH_STOP_DROP:
+            value = score(head)
+        scores[l2] = value
+        if best is None or value > best.val_accuracy:
+            best = ProbeResult(head=head, l2=l2, val_accuracy=value, scores=scores)
+        elif value < best.val_accuracy - PATH_STOP_DROP:
             break
-    if best is None:  # unreachable: the grid is not empty
+    if best is None:  # unreachable: the callers refuse an empty grid
         raise RuntimeError("no L2 strength was fitted")
     best.scores = scores
     return best
