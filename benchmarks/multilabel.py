@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -161,30 +162,33 @@ def main() -> None:
     parser.add_argument("--time-budget", type=float, default=5.0, help="minutes for the default row (5)")
     parser.add_argument("--baseline-size", type=int, default=256, help="the reference's input size (256 px)")
     parser.add_argument("--out", type=Path, default=CACHE / "multilabel-runs")
+    parser.add_argument("--train-args", default="", help="more `imgclf train` options for the probe, finetune and "
+                        "default rows, e.g. --train-args='--freeze-stages 0 --precision bf16'")
     args = parser.parse_args()
 
     started = time.perf_counter()
     csv_path = ensure_mosaics(args.train, args.test, args.seed)
     print(f"mosaics: {csv_path} ({time.perf_counter() - started:.0f} s)", flush=True)
     results: dict[str, dict[str, float]] = {}
+    more = shlex.split(args.train_args)
     for row in args.rows:
         out = args.out / f"{row}-{args.train}-s{args.seed}"
         if row == "ovr-lr":
             results[row] = ovr_baseline(csv_path, args.baseline_size)
         elif row == "probe":
-            results[row] = imgclf_row(csv_path, out, ["--recipe", "probe"])
+            results[row] = imgclf_row(csv_path, out, ["--recipe", "probe", *more])
         elif row == "finetune":
             results[row] = imgclf_row(csv_path, out, ["--epochs", str(args.finetune_epochs),
-                                                      "--image-size", str(args.finetune_size)])
+                                                      "--image-size", str(args.finetune_size), *more])
         else:
-            results[row] = imgclf_row(csv_path, out, ["--time-budget", f"{args.time_budget:g}"])
+            results[row] = imgclf_row(csv_path, out, ["--time-budget", f"{args.time_budget:g}", *more])
         print(json.dumps({row: results[row]}), flush=True)
     print(f"\n{args.train} train / {args.test} test mosaics, seed {args.seed}, {BACKBONE}, "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
     print("| row | size px | mAP | micro-F1 | micro-F1 @0.5 | subset acc | wall s |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for row, r in results.items():
-        label = {"default": f"default --time-budget {args.time_budget:g} (ran: {r.get('recipe')})",
+        label = {"default": f"default --time-budget {args.time_budget:g} {args.train_args} (ran: {r.get('recipe')})",
                  "finetune": f"finetune --epochs {args.finetune_epochs} (kept: {r.get('chosen')})"}.get(row, row)
         print(f"| {label} | {r['size']} | {r['mAP']:.3f} | {r['micro_f1']:.3f} | {r['micro_f1_at_0.5']:.3f} | "
               f"{r['subset_accuracy']:.3f} | {r['seconds']:.0f} |")

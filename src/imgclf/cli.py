@@ -46,6 +46,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--augment", choices=["none", "light", "standard"])
     p.add_argument("--no-flip", dest="flip", action="store_false", default=None, help="no horizontal flips")
     p.add_argument("--patience", type=int, help="epochs without improvement before stopping")
+    p.add_argument("--freeze-stages", type=int, metavar="N",
+                   help="fine-tune with the stem and the first N stages of the backbone frozen (default 0)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"])
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--workers", type=int, help="decode threads (default: one per core)")
@@ -89,7 +91,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         k: getattr(args, k)
         for k in (
             "data", "out", "backbone", "recipe", "epochs", "image_size", "batch_size", "seed",
-            "weights", "random_init", "val_fraction", "lr", "augment", "flip", "patience",
+            "weights", "random_init", "val_fraction", "lr", "augment", "flip", "patience", "freeze_stages",
             "precision", "device", "workers", "max_bad_fraction", "balance", "max_minutes",
             "resume", "checkpoint_minutes", "deterministic", "tensorboard", "time_budget_minutes", "feature_cache",
             "scan_cache", "test_time_size_search", "compile", "keep_checkpoints", "exclude", "relabel",

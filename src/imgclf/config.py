@@ -74,6 +74,10 @@ class TrainConfig:
     warmup_fraction: float = 0.05
     patience: int = 3  # epochs without a better val accuracy before stopping early
     freeze_bn: bool = True  # keep BatchNorm statistics frozen while fine-tuning (Keras guide)
+    # Keep the stem and this many early stages frozen while fine-tuning (0: none). None (auto): on a CPU
+    # the stages at output stride <= 4 (models.classifier.high_resolution_stages: 2 for lite0), whose
+    # backward pass is most of a step's cost; none on a GPU.
+    freeze_stages: int | None = None
     augment: Literal["none", "light", "standard"] = "standard"  # batched random-resized crops
     flip: bool = True  # random horizontal flips; turn off for text, digits, left/right classes
     head_fit_images: int = 10000  # at most this many train images are used to fit the first head
@@ -177,6 +181,7 @@ def validate(cfg: TrainConfig) -> None:
         (0 <= cfg.label_smoothing < 1, "label_smoothing", "a number in [0, 1)"),
         (0 <= cfg.warmup_fraction < 1, "warmup_fraction", "a number in [0, 1)"),
         (cfg.patience >= 1, "patience", "an integer >= 1"),
+        (cfg.freeze_stages is None or cfg.freeze_stages >= 0, "freeze_stages", "an integer >= 0"),
         (cfg.head_fit_images >= 10, "head_fit_images", "an integer >= 10"),
         (cfg.max_minutes is None or cfg.max_minutes > 0, "max_minutes", "a positive number of minutes"),
         (cfg.time_budget_minutes is None or cfg.time_budget_minutes > 0, "time_budget_minutes",

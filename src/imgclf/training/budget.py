@@ -284,6 +284,7 @@ def measure_rates(
     dtype: torch.dtype,
     precision: str,
     freeze_bn: bool,
+    frozen_stages: int = 0,
     decode_images: Callable[[int], tuple[int, float]],
     clock: Callable[[], float] = time.perf_counter,
 ) -> Rates:
@@ -303,7 +304,7 @@ def measure_rates(
     augment = Augmentation()
     for size in measured_sizes:
         model = ImageClassifier(copy.deepcopy(backbone), nn.Linear(num_features, 10)).to(device)
-        model.set_backbone_trainable(True, freeze_bn=freeze_bn)
+        model.set_backbone_trainable(True, freeze_bn=freeze_bn, frozen_stages=frozen_stages)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
         images = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8)
         labels = torch.randint(0, 10, (batch_size,))
@@ -390,7 +391,7 @@ def plan_run(
 
     rates = measure_rates(
         backbone.model, backbone.num_features, sizes=sizes, batch_size=cfg.batch_size, device=device, dtype=dtype,
-        precision=cfg.precision, freeze_bn=cfg.freeze_bn,
+        precision=cfg.precision, freeze_bn=cfg.freeze_bn, frozen_stages=cfg.freeze_stages or 0,
         decode_images=sample_decoder(dataset.train, prep_at, workers=cfg.workers, clock=clock), clock=clock,
     )
     if parallel > 1:

@@ -57,8 +57,12 @@ def choose_eval_size(
     memory_budget: int,
     workers: int = 0,
     deadline: float | None = None,
+    score: str = "val accuracy",
 ) -> tuple[Preprocessing, dict[str, Any]]:
     """The preprocessing (input size) with the best val accuracy, and what was measured.
+
+    `score` names the number in the log: "val mAP" for a multi-label head (`evaluate_store` then
+    returns mAP where it returns accuracy for a single-label one).
 
     `train_size_accuracy` is val accuracy at `prep.image_size`, already known from training. No
     candidate starts whose estimated time (the previous pass scaled by pixels) would end past `deadline`.
@@ -91,7 +95,7 @@ def choose_eval_size(
         scores[size] = float(accuracy)
         if accuracy > scores[best.image_size]:
             best = candidate
-    log("test-time size: val accuracy " + ", ".join(f"{s} px {a:.4f}" for s, a in scores.items())
+    log(f"test-time size: {score} " + ", ".join(f"{s} px {a:.4f}" for s, a in scores.items())
         + f"; using {best.image_size} px")
     return best, {"train_size": prep.image_size, "chosen": best.image_size,
                   "val_accuracy": {str(s): a for s, a in scores.items()}}

@@ -367,7 +367,7 @@ def train_one_epoch(
     slice of every global batch (see imgclf.distributed; `criterion` must then sum,
     `reduction="sum"`, and the loss is divided by the global batch's normaliser).
     """
-    model.set_backbone_trainable(True, freeze_bn=cfg.freeze_bn)
+    model.set_backbone_trainable(True, freeze_bn=cfg.freeze_bn, frozen_stages=cfg.freeze_stages or 0)
     net = net if net is not None else model
     state = state if state is not None else LoopState(epoch=epoch)
     if state.step == 0 or state.augment_generator is None:
@@ -482,7 +482,7 @@ class FitLoop:
         # One memory layout for the weights whatever ran before (inputs are channels_last too), so a
         # resumed run uses the same kernels, and so the same float rounding, as an uninterrupted one.
         model.to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]
-        model.set_backbone_trainable(True, freeze_bn=cfg.freeze_bn)
+        model.set_backbone_trainable(True, freeze_bn=cfg.freeze_bn, frozen_stages=cfg.freeze_stages or 0)
         configure_cuda(device, deterministic=cfg.deterministic)
         # On CUDA the uint8 images move to the GPU once when they fit (else per batch, pinned); no-op on a CPU.
         self.train_store = place_store(train_store, device, name="train")
