@@ -94,3 +94,16 @@ def test_no_candidate_starts_that_would_end_past_the_deadline() -> None:
     chosen, info = choose(model, train_size_accuracy=0.5, deadline=time.perf_counter())
     assert set(info["val_accuracy"]) == {"96", "112"}
     assert chosen == PREP  # 112 px scored 0.0 < 0.5
+
+
+def test_a_candidate_starts_only_if_scoring_val_and_test_at_its_size_also_fits() -> None:
+    import time
+
+    model = brightness_classifier(BrightnessAtSize(good_size=128))
+    # Time to spare: every size is tried and the best (128 px) wins.
+    chosen, info = choose(model, train_size_accuracy=0.5, deadline=time.perf_counter() + 600, after_images=100)
+    assert set(info["val_accuracy"]) == {"96", "112", "128"} and chosen.image_size == 128
+    # The same time, but a billion test images to score afterwards at the size chosen: 112 px runs (the
+    # plan reserved it), 128 px would leave no time to score them, so it is skipped.
+    chosen, info = choose(model, train_size_accuracy=0.5, deadline=time.perf_counter() + 600, after_images=10**9)
+    assert set(info["val_accuracy"]) == {"96", "112"} and chosen == PREP

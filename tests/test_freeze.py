@@ -72,12 +72,14 @@ def test_freezing_every_stage_or_an_unnamed_backbone_is_refused() -> None:
         early_stage_parameters(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()), 1)
 
 
-def test_a_negative_freeze_stages_is_a_config_error() -> None:
+def test_a_negative_freeze_stages_or_one_with_the_article_is_a_config_error() -> None:
     from imgclf.config import TrainConfig
     from imgclf.errors import ConfigError
 
     with pytest.raises(ConfigError, match="freeze_stages"):
         TrainConfig(data="d", out="o", freeze_stages=-1)
+    with pytest.raises(ConfigError, match="article trains its whole network"):
+        TrainConfig(data="d", out="o", recipe="article", freeze_stages=2)
 
 
 @pytest.mark.parametrize("epochs, cap", [(None, "MAX_EPOCHS"), (4, 4)])

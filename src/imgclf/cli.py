@@ -47,7 +47,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--no-flip", dest="flip", action="store_false", default=None, help="no horizontal flips")
     p.add_argument("--patience", type=int, help="epochs without improvement before stopping")
     p.add_argument("--freeze-stages", type=int, metavar="N",
-                   help="fine-tune with the stem and the first N stages of the backbone frozen (default 0)")
+                   help="fine-tune with the stem and the first N stages of the backbone frozen (0: none; default "
+                   "on a CPU: the stages at output stride <= 4, 2 for lite0; on a GPU: 0)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"])
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--workers", type=int, help="decode threads (default: one per core)")

@@ -200,6 +200,11 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(f"the --{name} file {value!r} does not exist",
                               expected="a CSV exported from imgclf review's page, or its label_issues.csv",
                               fix=f"check the --{name} path")
+    if cfg.recipe == "article" and cfg.freeze_stages:
+        raise ConfigError(f"--freeze-stages {cfg.freeze_stages} with --recipe article: the article trains its "
+                          "whole network (Keras layers are trainable unless frozen)",
+                          expected="--freeze-stages 0 or no --freeze-stages with --recipe article",
+                          fix="drop --freeze-stages, or use the default recipe (finetune)")
     for ok, name, expected in checks:
         if not ok:
             raise ConfigError(

@@ -101,7 +101,7 @@ class ImageClassifier(nn.Module):
         """Freeze or unfreeze the backbone. With `freeze_bn`, BatchNorm stays in inference mode.
 
         `frozen_stages` > 0 keeps the stem and that many early stages frozen while the rest trains
-        (`early_stages`): their weights get no gradient, their BatchNorm stays in inference mode,
+        (`early_stage_parameters`): their weights get no gradient, their BatchNorm stays in inference mode,
         and no backward pass runs through them.
         """
         for p in self.backbone.parameters():

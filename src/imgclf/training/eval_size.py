@@ -57,6 +57,7 @@ def choose_eval_size(
     memory_budget: int,
     workers: int = 0,
     deadline: float | None = None,
+    after_images: int = 0,
     score: str = "val accuracy",
 ) -> tuple[Preprocessing, dict[str, Any]]:
     """The preprocessing (input size) with the best val accuracy, and what was measured.
@@ -64,8 +65,10 @@ def choose_eval_size(
     `score` names the number in the log: "val mAP" for a multi-label head (`evaluate_store` then
     returns mAP where it returns accuracy for a single-label one).
 
-    `train_size_accuracy` is val accuracy at `prep.image_size`, already known from training. No
-    candidate starts whose estimated time (the previous pass scaled by pixels) would end past `deadline`.
+    `train_size_accuracy` is val accuracy at `prep.image_size`, already known from training. A
+    candidate starts only if its val pass and then scoring `after_images` more images at its size (val
+    and test, once the size is chosen) would end by `deadline`: the seconds per image are the previous
+    pass's, scaled by pixels. The first candidate has no measured pass; the plan reserved its time.
     Under torchrun every rank must call it: the val passes are sharded, and the time decisions use
     rank 0's clock (`distributed.clock`), so all ranks try the same sizes.
     """
@@ -76,9 +79,11 @@ def choose_eval_size(
     previous: tuple[int, float] | None = None  # (size, seconds) of the last pass, for the estimate
     for size in candidate_sizes(prep.image_size)[1:]:
         if deadline is not None and previous is not None:
-            estimate = previous[1] * (size / previous[0]) ** 2
-            if clock() + estimate > deadline:
-                log(f"test-time size: {size} px skipped, it would end past the time limit")
+            per_image = previous[1] / len(images) * (size / previous[0]) ** 2
+            if clock() + per_image * (len(images) + after_images) > deadline:
+                log(f"test-time size: {size} px skipped, it and scoring at it would end past the time limit "
+                    f"(~{per_image * (len(images) + after_images):.0f} s at {len(images) / previous[1]:.0f} val img/s "
+                    f"at {previous[0]} px, {deadline - clock():.0f} s left)")
                 break
         started = clock()
         candidate = dataclasses.replace(prep, image_size=size)

@@ -23,7 +23,7 @@ from imgclf.progress import log
 from imgclf.runtime import autocast, compute_dtype
 
 BF16_MIN_SPEEDUP = 1.2  # bf16 rounds every product to 8 bits of mantissa: worth it only for a clear gain
-TIMED_STEPS = 2  # per precision, after one warm-up step
+TIMED_ROUNDS = 3  # timed steps per precision, alternating, after one warm-up step each
 
 
 def training_dtype(
@@ -55,10 +55,8 @@ def training_dtype(
         return compute_dtype(device, precision)
     if compute_dtype(device, "auto") != torch.bfloat16 or deterministic:
         return torch.float32  # no native bf16: emulated, it is ~10x slower (runtime/device.py)
-    model = make_model()
-    seconds = {dtype: step_seconds(model, device=device, dtype=dtype, image_size=image_size,
-                                   batch_size=min(batch_size, 32), clock=clock)
-               for dtype in (torch.float32, torch.bfloat16)}
+    seconds = step_seconds(make_model(), device=device, dtypes=(torch.float32, torch.bfloat16),
+                           image_size=image_size, batch_size=min(batch_size, 32), clock=clock)
     speedup = seconds[torch.float32] / max(seconds[torch.bfloat16], 1e-9)
     chosen = torch.bfloat16 if speedup >= BF16_MIN_SPEEDUP else torch.float32
     log(f"training precision: {'bf16' if chosen == torch.bfloat16 else 'fp32'} (this CPU runs bf16 natively; "
@@ -68,25 +66,38 @@ def training_dtype(
 
 
 def step_seconds(
-    model: nn.Module, *, device: torch.device, dtype: torch.dtype, image_size: int, batch_size: int,
+    model: nn.Module, *, device: torch.device, dtypes: tuple[torch.dtype, ...], image_size: int, batch_size: int,
     clock: Callable[[], float] = time.perf_counter,
-) -> float:
-    """Median seconds of `TIMED_STEPS` training steps (forward, backward, AdamW at lr 0) of `model`."""
+) -> dict[torch.dtype, float]:
+    """Median seconds of a training step (forward, backward, AdamW at lr 0) of `model` under each of `dtypes`.
+
+    One warm-up step per dtype (allocator, kernel selection), then `TIMED_ROUNDS` rounds that time one
+    step per dtype in turn, so the machine's slow spells and the allocator's growth fall on every
+    dtype alike. Timed one dtype after the other, 2 steps each, the first (fp32) could take twice its
+    time: a bf16 step once measured 0.51x an fp32 one, then 1.01x, where 4 repeats gave 1.14-1.59x (lite0,
+    96 px, stem + 2 stages frozen, Zen 4, 2026-12-01), and bf16 was chosen and trained at 99-108 img/s.
+    """
     # The caller's copy, laid out as FitLoop lays out the network; its weights are not changed (lr 0).
     trial = model.to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]
     optimizer = torch.optim.AdamW([p for p in trial.parameters() if p.requires_grad], lr=0.0)
     noise = torch.Generator().manual_seed(0)  # not the global generator: the run's random draws stay the same
     x = torch.randn(batch_size, 3, image_size, image_size, generator=noise).to(device).contiguous(
         memory_format=torch.channels_last)
-    times = []
+
+    def step(dtype: torch.dtype) -> float:
+        start = clock()
+        with autocast(device, dtype):
+            loss = trial(x).float().logsumexp(1).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return clock() - start
+
+    times: dict[torch.dtype, list[float]] = {dtype: [] for dtype in dtypes}
     with training_heap():  # as FitLoop trains (memory.TRAINING_MMAP_THRESHOLD)
-        for step in range(1 + TIMED_STEPS):
-            start = clock()
-            with autocast(device, dtype):
-                loss = trial(x).float().logsumexp(1).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if step:  # the first step warms up (allocator, kernel selection)
-                times.append(clock() - start)
-    return sorted(times)[len(times) // 2]
+        for dtype in dtypes:
+            step(dtype)
+        for _ in range(TIMED_ROUNDS):
+            for dtype in dtypes:
+                times[dtype].append(step(dtype))
+    return {dtype: sorted(t)[len(t) // 2] for dtype, t in times.items()}

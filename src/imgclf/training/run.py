@@ -155,7 +155,7 @@ class _Setup:
     prep: Preprocessing
     dtype: torch.dtype  # the training steps' autocast dtype
     deadline: float | None = None  # no epoch after the first may end past it
-    search_end: float | None = None  # the test-time size search must end by then
+    search_end: float | None = None  # the test-time size search, and scoring at its size, must end by then
     epoch_cap: int | None = None  # budget runs: the most epochs a re-plan may give
 
 
@@ -431,6 +431,7 @@ def _fit(
                 model, dataset.val, prep, train_size_accuracy=result.best_val_accuracy,
                 batch_size=cfg.batch_size, device=device, precision=cfg.precision, memory_budget=budget // 4,
                 workers=cfg.workers, deadline=search_end, score=score,
+                after_images=len(dataset.val) + (len(dataset.test) if dataset.test is not None else 0),
             )
             if chosen != prep:
                 prep = chosen
