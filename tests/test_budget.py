@@ -222,3 +222,22 @@ def test_a_short_budget_probes_a_stratified_subset_and_cached_features_are_free(
     # Features already in the cache cost nothing but the fit: the whole set fits at 160 px.
     warm = _plan(1.5, work=dataclasses.replace(CIFAR_LIKE, cached={160: (1.0, 1.0)}))
     assert (warm.recipe, warm.image_size, warm.train_images) == ("probe", 160, None)
+
+
+def test_fine_tuning_below_the_largest_size_pays_for_a_full_size_probe() -> None:
+    from imgclf.training.budget import full_size_probe_seconds
+
+    without, with_probe = _plan(45), _plan(45, full_size_probe=True)
+    assert without.full_size_probe is None
+    assert with_probe.recipe == "finetune" and with_probe.image_size == 96 and with_probe.full_size_probe == 160
+    cost = full_size_probe_seconds(160, CIFAR_LIKE, RATES)
+    # the head-fit images and val at 160 px, not all of train nor test (test is scored only if it wins)
+    assert 0 < cost < probe_seconds(160, CIFAR_LIKE, RATES) / 2
+    key = f"finetune@96x{without.epochs}"
+    assert with_probe.options[key] == pytest.approx(without.options[key] + cost)
+    assert with_probe.epochs <= without.epochs
+    assert with_probe.seconds <= PLAN_FRACTION * 60 * 45
+    # At the largest size there is nothing to compete with: no probe, no cost.
+    huge = _plan(600, full_size_probe=True)
+    assert huge.image_size == 160 and huge.full_size_probe is None
+    assert huge.options["finetune@160x20"] == _plan(600).options["finetune@160x20"]

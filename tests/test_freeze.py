@@ -93,8 +93,8 @@ def test_a_budget_re_plan_may_add_epochs_up_to_the_users_cap(tmp_path: Path, mon
     from imgclf.training import budget
     from imgclf.training.run import _plan
 
-    def plan_two_epochs(cfg: TrainConfig, *args: object, **kwargs: object) -> tuple[TrainConfig, float, float, None]:
-        return dataclasses.replace(cfg, image_size=32, epochs=2), 1e9, 1e9, None
+    def plan_two_epochs(cfg: TrainConfig, *args: object, **kwargs: object) -> budget.BudgetRun:
+        return budget.BudgetRun(dataclasses.replace(cfg, image_size=32, epochs=2), 1e9, 1e9, None, None)
 
     monkeypatch.setattr(budget, "plan_run", plan_two_epochs)
     dataset = load_dataset(str(make_image_folder(tmp_path / "data", per_class=4)), val_fraction=0.25, seed=0)

@@ -136,3 +136,82 @@ def test_compare_ranks_backbones_by_probe_accuracy(
     again = json.loads(capsys.readouterr().out)["backbones"]
     assert [r["val_accuracy"] for r in again] == [r["val_accuracy"] for r in rows]
     assert all(r["images_per_second"] is None for r in again)
+
+
+@pytest.mark.parametrize("options, expected", [
+    ({}, 160),  # test_efficientnet's own 160 px, above CPU fine-tuning's 128
+    ({"image_size": 128}, None),  # a size the user fixed
+    ({"full_size_probe": False}, None),
+    ({"recipe": "probe"}, None),  # the probe recipe is the probe at full size
+    ({"epochs": 0}, None),
+])
+def test_a_full_size_probe_competes_when_fine_tuning_runs_below_the_probes_size(
+        tmp_path: Path, options: dict, expected: int | None) -> None:
+    import time
+
+    from imgclf.config import TrainConfig
+    from imgclf.data.sources import load_dataset
+    from imgclf.training.run import _plan
+
+    data = make_image_folder(tmp_path / "data", classes=3, per_class=4, size=200)
+    dataset = load_dataset(str(data), val_fraction=0.25, seed=0)
+    cfg = TrainConfig(**{"data": str(data), "out": "o", "backbone": TINY_BACKBONE, "random_init": True, "epochs": 1,
+                         "precision": "fp32", **options})
+    assert _plan(cfg, dataset, torch.device("cpu"), time.perf_counter()).full_size_probe == expected
+
+
+def ruined_run_with_a_full_size_probe(tmp_path: Path) -> tuple[Path, dict]:
+    """lr 3 wrecks fine-tuning at 128 px; a probe at 160 px competes (200 px images)."""
+    import imgclf
+
+    data = make_image_folder(tmp_path / "data", classes=3, per_class=16, size=200)
+    out = tmp_path / "run"
+    imgclf.train(data=str(data), out=str(out), backbone=TINY_BACKBONE, random_init=True, recipe="finetune",
+                 batch_size=8, epochs=1, lr=3.0, precision="fp32", test_time_size_search=False)
+    return out, json.loads((out / "imgclf.json").read_text())
+
+
+def test_the_full_size_probe_is_scored_recorded_and_kept_only_above_the_rest(tmp_path: Path) -> None:
+    out, meta = ruined_run_with_a_full_size_probe(tmp_path)
+    probe = meta["full_size_probe"]
+    assert probe["image_size"] == 160 and probe["label_smoothing"] == 0.0  # fitted as the probe recipe fits
+    candidates = meta["selection"]["candidates"]
+    assert [c["epoch"] for c in candidates] == [0, 1, None] and candidates[-1]["model"] == "probe at 160 px"
+    assert candidates[-1]["val_accuracy"] == probe["selection"]["val_accuracy"]
+    best_fine_tuned = max(c["val_accuracy"] for c in candidates[:-1])
+    assert probe["selected"] is (probe["selection"]["val_accuracy"] > best_fine_tuned)  # ties: fine-tuned side
+    # Whatever won, the bundle is the best candidate on val (fp32: the final scores match the candidates').
+    assert meta["metrics"]["val"]["accuracy"] == pytest.approx(max(c["val_accuracy"] for c in candidates), abs=1e-6)
+    assert meta["preprocessing"]["image_size"] == (160 if probe["selected"] else 128)
+    assert "full-size probe: val accuracy" in (out / "train.log").read_text()
+    assert "probe at 160 px" in (out / "report" / "report.html").read_text()
+
+
+def test_a_winning_full_size_probe_is_what_the_bundle_holds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import imgclf
+    from imgclf.training import run
+
+    real = run._full_size_probe_wins
+
+    def wins_over_anything(candidate, best_val, eval_size, score):  # type: ignore[no-untyped-def]
+        return real(candidate, -1.0, None, score)  # the real record and log, against a bar it clears
+
+    monkeypatch.setattr(run, "_full_size_probe_wins", wins_over_anything)
+    out, meta = ruined_run_with_a_full_size_probe(tmp_path)
+    history = json.loads((out / "history.json").read_text())
+    assert not any(r["selected"] for r in history)
+    assert meta["selection"]["chosen"] == "probe at 160 px" and meta["selection"]["epoch"] is None
+    assert meta["full_size_probe"]["selected"] and meta["preprocessing"]["image_size"] == 160
+    # The bundle holds the pretrained backbone with the 160 px head, not the wrecked network: scoring
+    # it again on val gives the probe's val accuracy.
+    val_accuracy = meta["full_size_probe"]["selection"]["val_accuracy"]
+    assert meta["metrics"]["val"]["accuracy"] == pytest.approx(val_accuracy, abs=1e-6)
+    from imgclf.data.sources import load_dataset
+
+    model = imgclf.load(str(out))
+    assert model.preprocessing.image_size == 160
+    val = load_dataset(str(tmp_path / "data"), val_fraction=0.1, seed=0).val  # the run's split (its defaults)
+    predicted = [model.classes.index(p.label) for p in model.predict(list(val.paths), runtime="torch")]
+    assert np.mean(np.array(predicted) == val.labels) == pytest.approx(val_accuracy, abs=1e-6)
+    report = (out / "report" / "report.html").read_text()
+    assert "probe at 160 px</td>" in report

@@ -75,6 +75,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                    help="decode every file in the pre-flight check, even those unchanged since an earlier run")
     p.add_argument("--no-test-time-size-search", dest="test_time_size_search", action="store_false", default=None,
                    help="keep the training input size for the bundle instead of choosing it on val")
+    p.add_argument("--no-full-size-probe", dest="full_size_probe", action="store_false", default=None,
+                   help="when fine-tuning below the backbone's input size, do not also fit a probe at that size "
+                   "as a candidate for the bundle")
     p.add_argument("--exclude", metavar="CSV", help="leave out the images imgclf review's decisions remove "
                    "(the review page's export, or label_issues.csv: all its rows); files are not touched")
     p.add_argument("--relabel", metavar="CSV", help="apply the relabel decisions of imgclf review's page "
@@ -95,7 +98,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             "weights", "random_init", "val_fraction", "lr", "augment", "flip", "patience", "freeze_stages",
             "precision", "device", "workers", "max_bad_fraction", "balance", "max_minutes",
             "resume", "checkpoint_minutes", "deterministic", "tensorboard", "time_budget_minutes", "feature_cache",
-            "scan_cache", "test_time_size_search", "compile", "keep_checkpoints", "exclude", "relabel",
+            "scan_cache", "test_time_size_search", "full_size_probe", "compile", "keep_checkpoints", "exclude",
+            "relabel",
         )
     }
     cfg = resolve_config(file_values, **flags)

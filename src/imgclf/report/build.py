@@ -243,6 +243,7 @@ def analyse(
             "versions": meta.get("versions", {}),
             "created": meta.get("created"),
             "history": meta.get("history", []),
+            "full_size_probe": meta.get("full_size_probe"),  # a probe that competed with fine-tuning
         },
         "metrics": metrics,
         "worst_classes": worst_first(metrics),

@@ -222,17 +222,32 @@ def _history_row(index: int, record: dict[str, Any]) -> str:
     return "<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
 
 
+def _full_size_probe_row(run: dict[str, Any]) -> str:
+    """The probe at the backbone's input size that competed with fine-tuning, when one did."""
+    probe = run.get("full_size_probe")
+    if not probe:
+        return ""
+    dash, scores = "&ndash;", probe.get("selection") or {}
+    cells = [f"probe at {esc(probe.get('image_size'))} px", dash,
+             number(scores.get("val_loss"), ["run", "full_size_probe", "selection", "val_loss"]), dash,
+             number(scores.get("val_accuracy"), ["run", "full_size_probe", "selection", "val_accuracy"]), dash,
+             "kept" if probe.get("selected") else ""]
+    return "<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
+
+
 def _section_curves(report: dict[str, Any], uris: dict[str, str]) -> str:
     parts = [_open("curves")]
     history = report["run"]["history"]
     if "training_curves" in uris:
         parts.append(f'<figure class="plot">{_img(uris["training_curves"], "training curves")}</figure>')
-        rows = "".join(_history_row(i, r) for i, r in enumerate(history))
+        rows = "".join(_history_row(i, r) for i, r in enumerate(history)) + _full_size_probe_row(report["run"])
         parts.append("<table><tr><th>epoch</th><th>train loss</th><th>val loss</th><th>train acc</th>"
                      f"<th>val acc</th><th>lr</th><th>bundle</th></tr>{rows}</table>")
         parts.append('<p class="note">Epoch 0 is the linear probe\'s head on the frozen pretrained backbone, where '
-                     "fine-tuning starts. The bundle holds the candidate with the best validation accuracy (then "
-                     "loss), the probe included, so it is never worse on validation than the probe. Training loss "
+                     "fine-tuning starts. When fine-tuning ran below the backbone's input size, a probe at that "
+                     "size on the pretrained backbone competes too (its own row). The bundle holds the candidate with "
+                     "the best validation accuracy (then loss), the probes included, so it is never worse on "
+                     "validation than the probe. Training loss "
                      "and accuracy are measured on augmented images with label smoothing, so they can sit below "
                      "validation.</p>")
     elif report["run"].get("recipe") == "probe":

@@ -40,7 +40,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
@@ -112,6 +112,7 @@ class Plan:
     options: dict[str, float] = field(default_factory=dict)  # "finetune@128x3" -> estimated seconds
     search_seconds: float = 0.0  # of closing: scoring the last epoch and choosing the test-time size
     train_images: int | None = None  # a probe on this many train images (a stratified subset); None = all
+    full_size_probe: int | None = None  # finetune: the size of a probe that competes with it for the bundle
 
 
 def _shared_seconds(size: int, work: Workload, rates: Rates) -> float:
@@ -162,6 +163,13 @@ def epoch_seconds(size: int, work: Workload, rates: Rates) -> float:
     return work.train / rates.train[size] + work.val / rates.frozen[size] + rates.convert_seconds
 
 
+def full_size_probe_seconds(size: int, work: Workload, rates: Rates) -> float:
+    """The probe at `size` that competes with fine-tuning below it for the bundle (training/run.py):
+    decoding and features of the head-fitting images and val, a conversion and the fit. Test is scored
+    at that size only if it wins, in place of the fine-tuned network's scoring."""
+    return probe_seconds(size, dataclasses.replace(work, train=work.head_fit, test=0), rates) - FIXED_SECONDS
+
+
 def finetune_seconds(size: int, epochs: int, work: Workload, rates: Rates) -> float:
     head = (work.head_fit + work.val) / rates.frozen[size]
     return (_shared_seconds(size, work, rates) + head + fit_seconds(work.head_fit, work)
@@ -176,8 +184,12 @@ def plan_budget(
     sizes: Sequence[int],
     max_epochs: int,
     allow_finetune: bool = True,
+    full_size_probe: bool = False,
 ) -> Plan:
     """Choose recipe, size and epochs for `seconds_left` (the rule is in the module docstring).
+
+    With `full_size_probe`, fine-tuning below the largest size also pays for a probe at the largest
+    size (`full_size_probe_seconds`), which competes with it for the bundle.
 
     Example:
         >>> rates = Rates(train={96: 80.0, 128: 45.0}, frozen={96: 400.0, 128: 230.0}, decode=2000.0)
@@ -190,15 +202,18 @@ def plan_budget(
     usable = seconds_left * PLAN_FRACTION
     options: dict[str, float] = {}
     fitting: dict[int, tuple[float, int]] = {}  # size -> (epochs that fit, epochs planned)
+    extra = {s: full_size_probe_seconds(sizes[-1], work, rates) if full_size_probe and s < sizes[-1] else 0.0
+             for s in sizes}  # the probe at the largest size, beside fine-tuning below it
     if allow_finetune and max_epochs > 0:
         for size in sizes:
-            fixed = finetune_seconds(size, 0, work, rates)
+            fixed = finetune_seconds(size, 0, work, rates) + extra[size]
             fit_epochs = (usable - fixed) / epoch_seconds(size, work, rates)
             if fit_epochs >= MIN_FIT_EPOCHS:
                 # Rounded up from a quarter epoch (`whole_epochs`): it costs nothing past the budget,
                 # because the guard ends the last epoch at the deadline with the lr annealed by time.
                 fitting[size] = (fit_epochs, min(max_epochs, whole_epochs(fit_epochs)))
-                options[f"finetune@{size}x{fitting[size][1]}"] = finetune_seconds(size, fitting[size][1], work, rates)
+                options[f"finetune@{size}x{fitting[size][1]}"] = (finetune_seconds(size, fitting[size][1], work, rates)
+                                                                  + extra[size])
     for size in sizes:
         options[f"probe@{size}"] = probe_seconds(size, work, rates)
     good = [s for s, (fit, _) in fitting.items() if fit >= MIN_GOOD_EPOCHS]
@@ -214,9 +229,11 @@ def plan_budget(
     epochs = fitting[size][1]
     # After the deadline: scoring the last (maybe partial) epoch on val, then the closing work.
     after_deadline = work.val / rates.frozen[size] + rates.convert_seconds + closing_seconds(size, work, rates)
-    seconds = min(finetune_seconds(size, epochs, work, rates), usable)  # rounded up: the guard cuts the last epoch
+    # rounded up: the guard cuts the last epoch
+    seconds = min(finetune_seconds(size, epochs, work, rates) + extra[size], usable)
     return Plan("finetune", size, epochs, seconds, after_deadline, reason,
-                options, search_seconds=work.val / rates.frozen[size] + search_seconds(size, work, rates))
+                options, search_seconds=work.val / rates.frozen[size] + search_seconds(size, work, rates),
+                full_size_probe=sizes[-1] if full_size_probe and size < sizes[-1] else None)
 
 
 def _plan_probe(
@@ -357,6 +374,16 @@ def sample_decoder(images: ImageSet, prep_at: Callable[[int], Preprocessing], *,
     return decode
 
 
+class BudgetRun(NamedTuple):
+    """What `plan_run` decided."""
+
+    cfg: TrainConfig  # recipe, image_size and epochs set
+    deadline: float  # a `clock()` value: fine-tuning stops by then
+    search_end: float  # the test-time size search, and scoring at its size, end by then
+    probe_images: int | None  # a probe on this many train images (a stratified subset); None = all
+    full_size_probe: int | None  # the size of a probe that competes with fine-tuning for the bundle
+
+
 def plan_run(
     cfg: TrainConfig,
     backbone: Backbone,
@@ -368,10 +395,9 @@ def plan_run(
     upper_size: int,
     parallel: int = 1,
     clock: Callable[[], float] = time.perf_counter,
-) -> tuple[TrainConfig, float, float, int | None]:
-    """Measure, plan, log; returns the config with recipe, image_size and epochs set, the
-    deadline (a `clock()` value) by which fine-tuning must stop, the one by which the
-    test-time size search and the scoring after it must end, and how many train images a probe should use (None = all).
+) -> BudgetRun:
+    """Measure, plan, log; returns the config with recipe, image_size and epochs set, and the
+    deadlines and sizes that go with it (`BudgetRun`).
 
     With the feature cache on, features already cached at a size count as free for a probe there.
 
@@ -411,10 +437,11 @@ def plan_run(
     seconds_left = budget_s - (clock() - started)
     max_epochs = cfg.epochs if cfg.epochs is not None else MAX_EPOCHS
     plan = plan_budget(seconds_left=seconds_left, work=work, rates=rates, sizes=sizes, max_epochs=max_epochs,
-                       allow_finetune=cfg.recipe == "finetune")
+                       allow_finetune=cfg.recipe == "finetune", full_size_probe=cfg.full_size_probe)
     log(f"time budget {cfg.time_budget_minutes:g} min, {seconds_left:.0f} s left after measuring: "
         f"{plan.recipe} at {plan.image_size} px" + (f", {plan.epochs} epoch(s)" if plan.epochs else "")
         + (f" on {plan.train_images} of {work.train} train images" if plan.train_images is not None else "")
+        + (f", and a probe at {plan.full_size_probe} px to compete with it" if plan.full_size_probe else "")
         + "".join(f"; cached features at {s} px: {a:.0%} of train, {b:.0%} of val and test"
                   for s, (a, b) in cached.items() if a or b)
         + f", estimated {plan.seconds:.0f} s ({plan.reason}); measured train "
@@ -426,4 +453,4 @@ def plan_run(
     # measured, 915-1,759 seen: 128 px skipped while the run ended 36 s early, CIFAR-10, 2026-12-01).
     search_end = max(started + budget_s - FIXED_SECONDS - rates.convert_seconds, deadline + plan.search_seconds)
     planned = dataclasses.replace(cfg, recipe=plan.recipe, image_size=plan.image_size, epochs=plan.epochs)
-    return planned, deadline, search_end, plan.train_images
+    return BudgetRun(planned, deadline, search_end, plan.train_images, plan.full_size_probe)

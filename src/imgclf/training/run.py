@@ -157,6 +157,7 @@ class _Setup:
     deadline: float | None = None  # no epoch after the first may end past it
     search_end: float | None = None  # the test-time size search, and scoring at its size, must end by then
     epoch_cap: int | None = None  # budget runs: the most epochs a re-plan may give
+    full_size_probe: int | None = None  # finetune below the probe's size: a probe there competes for the bundle
 
 
 def run_training(cfg: TrainConfig, out: Path) -> TrainingRun:
@@ -194,7 +195,7 @@ def run_training(cfg: TrainConfig, out: Path) -> TrainingRun:
     # Deadlines in rank 0's clock, which `distributed.clock` reads on every rank.
     deadline, search_end = distributed.agree((setup.deadline, setup.search_end))
     fitted = _fit(backbone, dataset, prep, cfg, device, setup.dtype, checkpointer, callbacks, deadline, search_end,
-                  setup.epoch_cap)
+                  setup.epoch_cap, setup.full_size_probe)
     # Streamed images that failed to decode are found by the rank that read them.
     failed = distributed.gather_lists([item for s in fitted.stores.values() for item in s.failed])
     skipped = unreadable + [{"path": p, "reason": r} for p, r in dict.fromkeys(failed)]
@@ -214,8 +215,9 @@ def run_training(cfg: TrainConfig, out: Path) -> TrainingRun:
         "probe": fitted.probe_info,
         "history": fitted.history,
         # LP-FT's choice among the probe's head (epoch 0) and the epochs; the article recipe keeps its last epoch.
-        **({"selection": selection_summary(fitted.history)} if fitted.history and fitted.history[0]["epoch"] == 0
-           else {}),
+        **({"selection": selection_summary(fitted.history, fitted.full_size_probe)}
+           if fitted.history and fitted.history[0]["epoch"] == 0 else {}),
+        **({"full_size_probe": fitted.full_size_probe} if fitted.full_size_probe else {}),
         **({"test_time_size": fitted.eval_size} if fitted.eval_size else {}),
         "skipped_files": skipped,
         "hardware": {"device": str(device), "dtype": str(setup.dtype),
@@ -266,18 +268,21 @@ def _plan(cfg: TrainConfig, dataset: Dataset, device: torch.device, started: flo
         dtype = getattr(torch, recorded_dtype)
     elif cfg.recipe == "finetune":  # frozen passes keep `compute_dtype`'s choice; training steps are timed
         dtype = _training_dtype(backbone, len(dataset.classes), cfg, device)
-    if not cfg.time_budget_minutes:
-        return _Setup(cfg, dataset, backbone, _preprocessing(backbone, dataset, cfg, device), dtype, deadline, deadline)
-    from imgclf.training.budget import MAX_EPOCHS, plan_run
-
     upper = choose_image_size(int(backbone.data_config["input_size"][-1]),
                               median_short_side(dataset.train, seed=cfg.seed), "probe", device)
+    if not cfg.time_budget_minutes:
+        prep = _preprocessing(backbone, dataset, cfg, device)
+        full_size = (upper if cfg.full_size_probe and cfg.image_size is None and cfg.recipe == "finetune"
+                     and cfg.epochs != 0 and prep.image_size < upper else None)
+        return _Setup(cfg, dataset, backbone, prep, dtype, deadline, deadline, full_size_probe=full_size)
+    from imgclf.training.budget import MAX_EPOCHS, plan_run
+
     # The user's cap (--epochs) or MAX_EPOCHS, taken before the plan sets cfg.epochs: the re-plan on the
     # first steps' speed may add epochs up to it (capped at the plan's own count, 4 mosaic epochs that fit
     # were left unused: 226 s of a 300-s budget, 2026-12-01).
     epoch_cap = cfg.epochs if cfg.epochs is not None else MAX_EPOCHS
     # Every rank measures (the cores are shared as in the run); all follow rank 0's plan.
-    cfg, budget_deadline, search_end, probe_images = distributed.rank0_result(
+    cfg, budget_deadline, search_end, probe_images, full_size = distributed.rank0_result(
         lambda: plan_run(cfg, backbone, dataset, device=device, dtype=dtype, started=started,
                          upper_size=upper, parallel=distributed.world_size()),
         everywhere=True,
@@ -287,7 +292,7 @@ def _plan(cfg: TrainConfig, dataset: Dataset, device: torch.device, started: flo
         dataset = dataclasses.replace(dataset, train=dataset.train.subset(np.sort(kept)))
         log(f"time budget: the probe uses {len(dataset.train)} training images, a stratified subset")
     return _Setup(cfg, dataset, backbone, _preprocessing(backbone, dataset, cfg, device), dtype,
-                  min(deadline or float("inf"), budget_deadline), search_end, epoch_cap)
+                  min(deadline or float("inf"), budget_deadline), search_end, epoch_cap, full_size)
 
 
 def _frozen_stages(cfg: TrainConfig, backbone: Backbone, device: torch.device) -> TrainConfig:
@@ -325,8 +330,9 @@ def _training_dtype(backbone: Backbone, num_classes: int, cfg: TrainConfig, devi
     return dtype
 
 
-def selection_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
-    """Which candidate the bundle holds (the probe's head, epoch 0, or a fine-tuned epoch) and every val score.
+def selection_summary(history: list[dict[str, Any]], full_size_probe: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Which candidate the bundle holds (the probe's head, epoch 0, a fine-tuned epoch, or the probe at
+    full size) and every val score.
 
     Example:
         >>> selection_summary([{"epoch": 0, "val_accuracy": 0.9, "val_loss": 0.3, "selected": True},
@@ -334,14 +340,23 @@ def selection_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
         'probe'
     """
     chosen = next((r for r in history if r.get("selected")), history[-1])
-    return {
+    score = "mAP" if "val_map" in chosen else "accuracy"
+    summary = {
         "chosen": "probe" if chosen["epoch"] == 0 else f"epoch {chosen['epoch']}",
         "epoch": chosen["epoch"],
-        "rule": f"the highest val {'mAP' if 'val_map' in chosen else 'accuracy'}, then the lowest val loss, over the "
-                "probe's head (epoch 0) and every epoch",
+        "rule": f"the highest val {score}, then the lowest val loss, over the probe's head (epoch 0) and every epoch",
         "candidates": [{"epoch": r["epoch"], "val_accuracy": r.get("val_accuracy"), "val_loss": r.get("val_loss")}
                        for r in history],
     }
+    if full_size_probe is not None:
+        size, scores = full_size_probe["image_size"], full_size_probe["selection"]
+        summary["rule"] += (f"; then a linear probe at {size} px on the pretrained backbone, kept if its val {score} "
+                            "is higher than the best of those (at the test-time sizes tried)")
+        summary["candidates"].append({"epoch": None, "model": f"probe at {size} px", "val_accuracy":
+                                      scores["val_accuracy"], "val_loss": scores["val_loss"]})
+        if full_size_probe["selected"]:
+            summary.update(chosen=f"probe at {size} px", epoch=None)
+    return summary
 
 
 def _preprocessing(backbone: Backbone, dataset: Dataset, cfg: TrainConfig, device: torch.device) -> Preprocessing:
@@ -363,6 +378,7 @@ class _Fitted:
     predictions: dict[str, StorePredictions]  # the final model's logits on val and test (metrics, report)
     prep: Preprocessing  # the test-time preprocessing (the size may exceed the training size)
     eval_size: dict[str, Any] | None = None  # the test-time size search, when it ran
+    full_size_probe: dict[str, Any] | None = None  # the probe that competed with fine-tuning, when one did
 
 
 def _fit(
@@ -377,10 +393,12 @@ def _fit(
     deadline: float | None = None,
     search_end: float | None = None,
     epoch_cap: int | None = None,
+    full_size_probe: int | None = None,
 ) -> _Fitted:
     """Fit the head on frozen features, then (finetune) train the whole network and choose the
     test-time input size on val; or (seed) train the article's network end to end. No epoch after
-    the first starts that would end past `deadline`; the size search ends by `search_end`.
+    the first starts that would end past `deadline`; the size search ends by `search_end`. With
+    `full_size_probe` (a size), a probe there on the pretrained backbone competes for the bundle.
     """
     # Under torchrun every process on a machine decodes the training images: they share the budget.
     launched = distributed.launch()
@@ -414,6 +432,8 @@ def _fit(
     history: list[dict[str, Any]] = []
     eval_size: dict[str, Any] | None = None
     epochs = DEFAULT_FINETUNE_EPOCHS if cfg.epochs is None else cfg.epochs
+    candidate = (_fit_full_size_probe(backbone, dataset, full_size_probe, prep, cfg, device)
+                 if full_size_probe and finetune and epochs > 0 and checkpointer.resume_from is None else None)
     if finetune and epochs > 0:
         result = fit(model, stores["train"], stores["val"], cfg, epochs=epochs, device=device, dtype=dtype,
                      callbacks=callbacks, checkpointer=checkpointer, deadline=deadline, max_epochs=epoch_cap,
@@ -438,9 +458,59 @@ def _fit(
                 stores["val"] = _store(dataset.val, prep, cfg, budget // 4, "val")
                 if dataset.test is not None:
                     stores["test"] = _store(dataset.test, prep, cfg, 0, "test")
+        if candidate is not None and _full_size_probe_wins(candidate, result.best_val_accuracy, eval_size, score):
+            model, prep = candidate.model, candidate.prep
+            stores["val"] = _store(dataset.val, prep, cfg, 0, "val")
+            if dataset.test is not None:
+                stores["test"] = _store(dataset.test, prep, cfg, 0, "test")
+            for record in history:
+                record["selected"] = False
     if not predictions:  # fine-tuned, or resumed without the probe's features
         predictions = _predict_splits(model, stores, cfg, device, len(dataset.classes))
-    return _Fitted(model.cpu().eval(), probe_info, history, stores, predictions, prep, eval_size)
+    return _Fitted(model.cpu().eval(), probe_info, history, stores, predictions, prep, eval_size,
+                   candidate.info if candidate is not None else None)
+
+
+@dataclasses.dataclass
+class _FullSizeProbe:
+    """A linear probe at the probe's input size on a copy of the pretrained backbone, fitted before
+    fine-tuning at a smaller size changes the backbone: a candidate for the bundle."""
+
+    model: ImageClassifier
+    prep: Preprocessing
+    info: dict[str, Any]  # image_size, the probe's l2, scores and images, selection (val scores), selected
+
+
+def _fit_full_size_probe(backbone: Backbone, dataset: Dataset, size: int, train_prep: Preprocessing,
+                         cfg: TrainConfig, device: torch.device) -> _FullSizeProbe:
+    """The probe at `size`: on the head-fit images (a stratified subset of train, as the probe that
+    starts fine-tuning) and val, streamed; without label smoothing, as the probe recipe fits."""
+    log(f"full-size probe: a linear probe at {size} px on the pretrained backbone competes for the bundle with "
+        f"fine-tuning at {train_prep.image_size} px (--no-full-size-probe leaves it out)")
+    prep = Preprocessing.from_data_config(backbone.data_config, size)
+    train = dataset.train
+    if len(train) > cfg.head_fit_images:
+        _, kept = stratified_split(train.labels, cfg.head_fit_images / len(train), cfg.seed)
+        train = train.subset(np.sort(kept))
+    part = dataclasses.replace(dataset, train=train, test=None)
+    stores: dict[str, ImageStore] = {"train": _store(part.train, prep, cfg, 0, "train"),
+                                     "val": _store(part.val, prep, cfg, 0, "val")}
+    pretrained = dataclasses.replace(backbone, model=copy.deepcopy(backbone.model))
+    model, info, _ = _fit_head(pretrained, part, prep, dataclasses.replace(cfg, recipe="probe"), device, stores)
+    return _FullSizeProbe(model, prep, {"image_size": size, **info, "selected": False})
+
+
+def _full_size_probe_wins(candidate: _FullSizeProbe, best_val: float, eval_size: dict[str, Any] | None,
+                          score: str) -> bool:
+    """Whether the probe at full size scores above the fine-tuned network (or the probe's head that
+    started it: `best_val`, and the test-time sizes tried) on val; recorded in `candidate.info`, logged."""
+    fine_tuned = max([best_val, *(eval_size or {}).get("val_accuracy", {}).values()])
+    mine = candidate.info["selection"]["val_accuracy"]
+    candidate.info["selected"] = wins = mine > fine_tuned
+    size = candidate.prep.image_size
+    log(f"full-size probe: {score} {mine:.4f} at {size} px against {fine_tuned:.4f} for the fine-tuned network: "
+        + (f"the bundle holds the probe at {size} px" if wins else "the fine-tuned network stays"))
+    return wins
 
 
 def _fit_head(
