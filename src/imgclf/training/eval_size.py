@@ -79,11 +79,12 @@ def choose_eval_size(
     previous: tuple[int, float] | None = None  # (size, seconds) of the last pass, for the estimate
     for size in candidate_sizes(prep.image_size)[1:]:
         if deadline is not None and previous is not None:
-            per_image = previous[1] / len(images) * (size / previous[0]) ** 2
-            if clock() + per_image * (len(images) + after_images) > deadline:
+            per_image = previous[1] / max(len(images), 1) * (size / previous[0]) ** 2
+            needed = per_image * (len(images) + after_images)
+            if clock() + needed > deadline:
+                rate = len(images) / max(previous[1], 1e-9)
                 log(f"test-time size: {size} px skipped, it and scoring at it would end past the time limit "
-                    f"(~{per_image * (len(images) + after_images):.0f} s at {len(images) / previous[1]:.0f} val img/s "
-                    f"at {previous[0]} px, {deadline - clock():.0f} s left)")
+                    f"(~{needed:.0f} s at {rate:.0f} val img/s at {previous[0]} px, {deadline - clock():.0f} s left)")
                 break
         started = clock()
         candidate = dataclasses.replace(prep, image_size=size)

@@ -75,7 +75,8 @@ def step_seconds(
     step per dtype in turn, so the machine's slow spells and the allocator's growth fall on every
     dtype alike. Timed one dtype after the other, 2 steps each, the first (fp32) could take twice its
     time: a bf16 step once measured 0.51x an fp32 one, then 1.01x, where 4 repeats gave 1.14-1.59x (lite0,
-    96 px, stem + 2 stages frozen, Zen 4, 2026-12-01), and bf16 was chosen and trained at 99-108 img/s.
+    96 px, stem + 2 stages frozen, Zen 4, 2026-12-01); bf16 was chosen and trained at 82-108 img/s, fp32
+    then at 133-162.
     """
     # The caller's copy, laid out as FitLoop lays out the network; its weights are not changed (lr 0).
     trial = model.to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]
