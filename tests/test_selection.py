@@ -207,9 +207,17 @@ def test_a_winning_full_size_probe_is_what_the_bundle_holds(tmp_path: Path, monk
     val_accuracy = meta["full_size_probe"]["selection"]["val_accuracy"]
     assert meta["metrics"]["val"]["accuracy"] == pytest.approx(val_accuracy, abs=1e-6)
     from imgclf.data.sources import load_dataset
+    from imgclf.models.backbones import create_backbone
 
     model = imgclf.load(str(out))
     assert model.preprocessing.image_size == 160
+    # Its backbone is the one training started from, bit for bit (train seeds torch with 0 and draws
+    # nothing before building it), though an epoch at lr 3 changed the network it fine-tuned.
+    assert [r["epoch"] for r in history] == [0, 1]
+    torch.manual_seed(0)
+    initial = create_backbone(TINY_BACKBONE, random_init=True).model.state_dict()
+    kept = model.module.backbone.state_dict()
+    assert initial.keys() == kept.keys() and all(torch.equal(kept[k], v) for k, v in initial.items())
     val = load_dataset(str(tmp_path / "data"), val_fraction=0.1, seed=0).val  # the run's split (its defaults)
     predicted = [model.classes.index(p.label) for p in model.predict(list(val.paths), runtime="torch")]
     assert np.mean(np.array(predicted) == val.labels) == pytest.approx(val_accuracy, abs=1e-6)
