@@ -140,21 +140,28 @@ def early_stage_parameters(backbone: nn.Module, count: int) -> set[str]:
     """
     if count <= 0:
         return set()
-    from timm.models import group_parameters
-
-    matcher = getattr(backbone, "group_matcher", None)
-    if matcher is None:
+    ordered = _coarse_groups(backbone)
+    if ordered is None:
         raise ImgclfError(
             f"cannot freeze early stages of {type(backbone).__name__}: it does not name its stages "
             "(timm's group_matcher)", expected="a timm backbone", fix="leave --freeze-stages at 0")
-    groups = group_parameters(backbone, matcher(coarse=True))
-    ordered = [groups[k] for k in sorted(groups)]
     stages = len(ordered) - 1  # the first group is the stem
     if count >= stages:
         raise ImgclfError(
             f"--freeze-stages {count} would freeze all of {type(backbone).__name__}'s {stages} stages",
             expected=f"0 to {stages - 1}", fix="use --recipe probe to train only the head on a frozen backbone")
     return {name for group in ordered[: count + 1] for name in group}
+
+
+def _coarse_groups(backbone: nn.Module) -> list[list[str]] | None:
+    """Parameter names per group of timm's `group_matcher(coarse=True)`, the stem first; None without one."""
+    matcher = getattr(backbone, "group_matcher", None)
+    if matcher is None:
+        return None
+    from timm.models import group_parameters
+
+    groups = group_parameters(backbone, matcher(coarse=True))
+    return [groups[k] for k in sorted(groups)]
 
 
 HIGH_RESOLUTION_STRIDE = 4  # stages whose output is at most 4x smaller than the input
@@ -174,17 +181,13 @@ def high_resolution_stages(backbone: nn.Module) -> int:
         1
     """
     info = getattr(backbone, "feature_info", None)
-    matcher = getattr(backbone, "group_matcher", None)
-    if info is None or matcher is None:
+    if info is None:
         return 0
-    from timm.models import group_parameters
-
     entries = list(getattr(info, "info", info))
     high = [entry["module"] for entry in entries if entry.get("reduction", 99) <= HIGH_RESOLUTION_STRIDE]
-    if not high:
+    ordered = _coarse_groups(backbone) if high else None
+    if ordered is None:
         return 0
-    groups = group_parameters(backbone, matcher(coarse=True))
-    ordered = [groups[k] for k in sorted(groups)]
     last = high[-1] + "."
     owning = [index for index, names in enumerate(ordered) if any(name.startswith(last) for name in names)]
     count = max(owning, default=0)

@@ -96,14 +96,14 @@ def minimise_l2(
     return weight.detach(), bias.detach()
 
 
-def _lbfgs(
-    z: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *, l2: float, max_iter: int,
-    class_weight: torch.Tensor | None, label_smoothing: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Minimise mean cross-entropy (optionally label-smoothed) + l2/2 |W|^2 on standardised features."""
+def _cross_entropy(
+    labels: torch.Tensor, class_weight: torch.Tensor | None, label_smoothing: float
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The single-label probes' data loss for `minimise_l2`: mean cross-entropy against `labels`,
+    weighted per class and label-smoothed as asked."""
     per_class = None if class_weight is None else class_weight.float()
-    loss = partial(nn.functional.cross_entropy, target=y, weight=per_class, label_smoothing=label_smoothing)
-    return minimise_l2(z, weight, bias, loss, l2=l2, max_iter=max_iter)
+    return partial(nn.functional.cross_entropy, target=labels.long(), weight=per_class,
+                   label_smoothing=label_smoothing)
 
 
 def fit_logistic(
@@ -134,8 +134,8 @@ def fit_logistic(
         weight, bias = scaled.unfold(init)
     else:
         weight, bias = torch.zeros(num_classes, features.shape[1]), torch.zeros(num_classes)
-    weight, bias = _lbfgs(scaled.z, labels.long(), weight, bias, l2=l2, max_iter=max_iter, class_weight=class_weight,
-                          label_smoothing=label_smoothing)
+    weight, bias = minimise_l2(scaled.z, weight, bias, _cross_entropy(labels, class_weight, label_smoothing),
+                               l2=l2, max_iter=max_iter)
     return scaled.fold(weight, bias)
 
 
@@ -170,12 +170,9 @@ def fit_probe(
         raise ValueError("l2_grid must not be empty")
     scaled = _Standardized.of(train_x)
     start = torch.zeros(num_classes, train_x.shape[1]), torch.zeros(num_classes)
-    per_class = None if class_weight is None else class_weight.float()
-    loss = partial(nn.functional.cross_entropy, target=train_y.long(), weight=per_class,
-                   label_smoothing=label_smoothing)
     balanced = class_weight is not None
-    return l2_path(scaled, start, l2_grid, loss, partial(_accuracy, val_x=val_x, val_y=val_y, balanced=balanced),
-                   max_iter=150)
+    return l2_path(scaled, start, l2_grid, _cross_entropy(train_y, class_weight, label_smoothing),
+                   partial(_accuracy, val_x=val_x, val_y=val_y, balanced=balanced), max_iter=150)
 
 
 def _accuracy(head: nn.Linear, *, val_x: torch.Tensor, val_y: torch.Tensor, balanced: bool) -> float:

@@ -268,10 +268,10 @@ def _plan(cfg: TrainConfig, dataset: Dataset, device: torch.device, started: flo
         dtype = getattr(torch, recorded_dtype)
     elif cfg.recipe == "finetune":  # frozen passes keep `compute_dtype`'s choice; training steps are timed
         dtype = _training_dtype(backbone, len(dataset.classes), cfg, device)
-    upper = choose_image_size(int(backbone.data_config["input_size"][-1]),
-                              median_short_side(dataset.train, seed=cfg.seed), "probe", device)
+    median_side = median_short_side(dataset.train, seed=cfg.seed)
+    upper = choose_image_size(int(backbone.data_config["input_size"][-1]), median_side, "probe", device)
     if not cfg.time_budget_minutes:
-        prep = _preprocessing(backbone, dataset, cfg, device)
+        prep = _preprocessing(backbone, cfg, device, median_side)
         full_size = (upper if cfg.full_size_probe and cfg.image_size is None and cfg.recipe == "finetune"
                      and cfg.epochs != 0 and prep.image_size < upper else None)
         return _Setup(cfg, dataset, backbone, prep, dtype, deadline, deadline, full_size_probe=full_size)
@@ -291,7 +291,7 @@ def _plan(cfg: TrainConfig, dataset: Dataset, device: torch.device, started: flo
         _, kept = stratified_split(dataset.train.labels, probe_images / len(dataset.train), cfg.seed)
         dataset = dataclasses.replace(dataset, train=dataset.train.subset(np.sort(kept)))
         log(f"time budget: the probe uses {len(dataset.train)} training images, a stratified subset")
-    return _Setup(cfg, dataset, backbone, _preprocessing(backbone, dataset, cfg, device), dtype,
+    return _Setup(cfg, dataset, backbone, _preprocessing(backbone, cfg, device, median_side), dtype,
                   min(deadline or float("inf"), budget_deadline), search_end, epoch_cap, full_size)
 
 
@@ -359,12 +359,22 @@ def selection_summary(history: list[dict[str, Any]], full_size_probe: dict[str, 
     return summary
 
 
-def _preprocessing(backbone: Backbone, dataset: Dataset, cfg: TrainConfig, device: torch.device) -> Preprocessing:
+def _preprocessing(backbone: Backbone, cfg: TrainConfig, device: torch.device, median_side: int | None
+                   ) -> Preprocessing:
+    """`--image-size` (or the plan's), else the default for the recipe and the training images'
+    `median_side` (`median_short_side`)."""
     config = backbone.data_config
-    size = cfg.image_size or choose_image_size(
-        int(config["input_size"][-1]), median_short_side(dataset.train, seed=cfg.seed), cfg.recipe, device
-    )
+    size = cfg.image_size or choose_image_size(int(config["input_size"][-1]), median_side, cfg.recipe, device)
     return Preprocessing.from_data_config(config, size)
+
+
+def _head_fit_subset(labels: np.ndarray, cfg: TrainConfig) -> np.ndarray | None:
+    """Indices of the stratified subset of train that a fine-tuning run's probes are fitted on
+    (`head_fit_images`), or None when train is no larger."""
+    if len(labels) <= cfg.head_fit_images:
+        return None
+    _, kept = stratified_split(labels, cfg.head_fit_images / len(labels), cfg.seed)
+    return kept
 
 
 @dataclasses.dataclass
@@ -488,10 +498,8 @@ def _fit_full_size_probe(backbone: Backbone, dataset: Dataset, size: int, train_
     log(f"full-size probe: a linear probe at {size} px on the pretrained backbone competes for the bundle with "
         f"fine-tuning at {train_prep.image_size} px (--no-full-size-probe leaves it out)")
     prep = Preprocessing.from_data_config(backbone.data_config, size)
-    train = dataset.train
-    if len(train) > cfg.head_fit_images:
-        _, kept = stratified_split(train.labels, cfg.head_fit_images / len(train), cfg.seed)
-        train = train.subset(np.sort(kept))
+    subset = _head_fit_subset(dataset.train.labels, cfg)  # the same images as the probe fine-tuning starts from
+    train = dataset.train if subset is None else dataset.train.subset(np.sort(subset))
     part = dataclasses.replace(dataset, train=train, test=None)
     stores: dict[str, ImageStore] = {"train": _store(part.train, prep, cfg, 0, "train"),
                                      "val": _store(part.val, prep, cfg, 0, "val")}
@@ -544,9 +552,8 @@ def _fit_head(
                                shard=True)
 
     head_store: Store = stores["train"]
-    if finetune and len(head_store) > cfg.head_fit_images:
-        fraction = cfg.head_fit_images / len(head_store)
-        _, subset = stratified_split(head_store.labels.numpy(), fraction, cfg.seed)
+    subset = _head_fit_subset(head_store.labels.numpy(), cfg) if finetune else None
+    if subset is not None:
         head_store = head_store.subset(subset)
     train_x, train_y, _ = frozen_features(forward, head_store, batch_size=cfg.batch_size, desc="features train")
     val_x, val_y, val_at = frozen_features(forward, stores["val"], batch_size=cfg.batch_size, desc="features val")
