@@ -196,7 +196,7 @@ def plan_budget(
         >>> plan = plan_budget(seconds_left=900, work=Workload(9000, 1000, 2000, 9000),
         ...                    rates=rates, sizes=(96, 128), max_epochs=20)
         >>> (plan.recipe, plan.image_size, plan.epochs)
-        ('finetune', 128, 3)
+        ('finetune', 128, 4)
     """
     sizes = sorted(sizes)
     usable = seconds_left * PLAN_FRACTION
