@@ -42,6 +42,10 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # EPYC with AVX512-BF16 (2026-11-30), 10x that allowed.
 WEIGHT_TOLERANCE = {"fp32": 1e-5, "bf16": 5e-3}
 LOSS_TOLERANCE = {"fp32": 1e-5, "bf16": 5e-3}  # on the per-epoch mean losses
+# On the val logits after fine-tuning, relative to the largest |logit|: the weights' differences summed
+# over the features. bf16 with the backbone's lr equal to the head's: 6.4e-3 absolute on an AMD EPYC
+# (Zen 4, AVX512-BF16; 2026-12-01); 2% of the largest logit allowed (bf16 keeps 8 bits: 0.4% per rounding).
+LOGIT_TOLERANCE = {"fp32": 1e-5, "bf16": 2e-2}
 PROBE_TOLERANCE = 1e-3  # absolute, on the probe's head; features differ by float rounding (see above)
 
 WRITE_HOOK = '''
@@ -202,7 +206,8 @@ def test_two_processes_fine_tune_like_one(
     logits_one, accuracy_one = val_logits(one, data)
     logits_two, accuracy_two = val_logits(two, data)
     assert accuracy_one == accuracy_two
-    assert float((logits_one - logits_two).abs().max()) < tolerance
+    scale = float(logits_one.abs().max())
+    assert float((logits_one - logits_two).abs().max()) < LOGIT_TOLERANCE[precision] * scale, scale
     # Per-epoch training loss and accuracy are reduced over the ranks: the global batch's numbers.
     history_one = json.loads((one / "history.json").read_text())
     history_two = json.loads((two / "history.json").read_text())

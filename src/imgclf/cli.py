@@ -43,7 +43,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--random-init", action="store_true", default=None, help="train from random weights")
     p.add_argument("--val-fraction", type=float, help="share of train held out for validation (default 0.1)")
     p.add_argument("--lr", type=float, help="peak learning rate of the head (default 3e-4)")
-    p.add_argument("--augment", choices=["none", "light", "standard"])
+    p.add_argument("--augment", choices=["auto", "none", "light", "standard"],
+                   help="random-resized crops: light 80-100%% of the area, standard 35-100%%; "
+                        "auto (default): light for images smaller than the input size, else standard")
     p.add_argument("--no-flip", dest="flip", action="store_false", default=None, help="no horizontal flips")
     p.add_argument("--patience", type=int, help="epochs without improvement before stopping")
     p.add_argument("--freeze-stages", type=int, metavar="N",

@@ -66,7 +66,11 @@ class TrainConfig:
     # while one epoch on 5,000 CIFAR-10 images scored 0.811 against 0.817 at 1e-3 and 0.789 at 1e-4
     # (2,000 val images, +-0.9 points; benchmarks in BENCHMARKS.md, 2026-11-30).
     lr: float = 3e-4
-    backbone_lr_ratio: float = 0.3  # backbone lr = lr * ratio (discriminative learning rates)
+    # backbone lr = lr * ratio (discriminative learning rates). 1: one rate, as LP-FT (Kumar et al. 2022)
+    # uses; on a CPU the frozen early stages take the part of a lower rate there. 9,000 CIFAR-10 images,
+    # 2 epochs at 96 px: val 0.869 / test 0.856 at 1, 0.842 / 0.832 at 0.3; with the head at 6e-4 too,
+    # 0.863 / 0.852 (BENCHMARKS.md, 2026-12-01).
+    backbone_lr_ratio: float = 1.0
     weight_decay: float = 0.05  # AdamW decoupled weight decay; not applied to norms and biases
     label_smoothing: float = 0.1
     # Share of all fine-tuning steps spent warming the lr up from 0, and at least
@@ -78,7 +82,9 @@ class TrainConfig:
     # the stages at output stride <= 4 (models.classifier.high_resolution_stages: 2 for lite0), whose
     # backward pass is most of a step's cost; none on a GPU.
     freeze_stages: int | None = None
-    augment: Literal["none", "light", "standard"] = "standard"  # batched random-resized crops
+    # Batched random-resized crops: light 80-100% of the area, standard 35-100%. auto: light for images
+    # smaller than the training input (training/run.py `_augmentation`), standard otherwise.
+    augment: Literal["auto", "none", "light", "standard"] = "auto"
     flip: bool = True  # random horizontal flips; turn off for text, digits, left/right classes
     head_fit_images: int = 10000  # at most this many train images are used to fit the first head
     balance: bool = False  # weight the loss by 1 / class frequency (probe and fine-tuning) for skewed classes
@@ -192,7 +198,7 @@ def validate(cfg: TrainConfig) -> None:
          "a positive number of minutes"),
         (bool(cfg.probe_l2) and all(v >= 0 for v in cfg.probe_l2), "probe_l2", "a list of numbers >= 0"),
         (cfg.precision in ("auto", "bf16", "fp32"), "precision", "auto, bf16 or fp32"),
-        (cfg.augment in ("none", "light", "standard"), "augment", "none, light or standard"),
+        (cfg.augment in ("auto", "none", "light", "standard"), "augment", "auto, none, light or standard"),
         (cfg.workers >= 0, "workers", "an integer >= 0"),
         (0 < cfg.memory_fraction <= 0.9, "memory_fraction", "a fraction in (0, 0.9]"),
         (0 <= cfg.max_bad_fraction <= 1, "max_bad_fraction", "a fraction in [0, 1]"),

@@ -453,7 +453,7 @@ class Augmentation:
             return None
         if name == "light":
             return cls(scale=(0.8, 1.0), ratio=(0.9, 1.1), flip=flip)
-        return cls(flip=flip)
+        return cls(flip=flip)  # standard, and an "auto" that no run resolved (training/run.py `_augmentation`)
 
     def __call__(self, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Augment a uint8 or float N x 3 x S x S batch; returns float 0..255 of the same size.
