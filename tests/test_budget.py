@@ -9,11 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY_BACKBONE, make_image_folder
-from stand_ins import PREP
-from torch import nn
+from stand_ins import tiny_fit_inputs
 
-from imgclf.data.pipeline import ImageStore
-from imgclf.data.sources import load_dataset
 from imgclf.errors import ConfigError
 from imgclf.training.budget import (
     MIN_GOOD_EPOCHS,
@@ -124,17 +121,10 @@ def test_lr_decays_by_time_when_steps_lag_behind() -> None:
 
 def test_fit_stops_mid_epoch_at_a_hard_deadline_and_keeps_the_best_weights(tmp_path: Path) -> None:
     from imgclf.config import TrainConfig
-    from imgclf.models.backbones import create_backbone
     from imgclf.models.classifier import ImageClassifier
     from imgclf.training.finetune import fit
 
-    torch.manual_seed(0)
-    root = make_image_folder(tmp_path / "data", per_class=12)
-    dataset = load_dataset(str(root), val_fraction=0.25, seed=0)
-    train = ImageStore.decode(dataset.train, PREP, memory_budget=2**30, workers=1)
-    val = ImageStore.decode(dataset.val, PREP, memory_budget=2**30, workers=1)
-    backbone = create_backbone(TINY_BACKBONE, random_init=True)
-    model = ImageClassifier(backbone.model, nn.Linear(backbone.num_features, 3))
+    model, train, val = tiny_fit_inputs(make_image_folder(tmp_path / "data", per_class=12))
     cfg = TrainConfig(data="d", out="o", batch_size=4, time_budget_minutes=1.0, augment="none", patience=5)
     clock = FakeClock(tick=0.25)
     best: dict[str, torch.Tensor] = {}
@@ -174,17 +164,10 @@ def test_replanned_epochs_follow_the_measured_speed() -> None:
 def test_a_budget_run_re_plans_its_epochs_on_the_first_steps(tmp_path: Path, max_epochs: int | None,
                                                              trained: int) -> None:
     from imgclf.config import TrainConfig
-    from imgclf.models.backbones import create_backbone
-    from imgclf.models.classifier import ImageClassifier
     from imgclf.training.finetune import fit
 
-    torch.manual_seed(0)
-    dataset = load_dataset(str(make_image_folder(tmp_path / "data", per_class=16)), val_fraction=0.25, seed=0)
-    train = ImageStore.decode(dataset.train, PREP, memory_budget=2**30, workers=1)
-    val = ImageStore.decode(dataset.val, PREP, memory_budget=2**30, workers=1)
+    model, train, val = tiny_fit_inputs(make_image_folder(tmp_path / "data", per_class=16))
     assert len(train) > REPLAN_AT_STEP  # batch size 1: the re-plan happens inside epoch 1
-    backbone = create_backbone(TINY_BACKBONE, random_init=True)
-    model = ImageClassifier(backbone.model, nn.Linear(backbone.num_features, 3))
     cfg = TrainConfig(data="d", out="o", batch_size=1, time_budget_minutes=1.0, augment="none", patience=5)
     # Planned for 1 epoch, but the clock says steps are fast and the deadline is far away: the
     # re-plan gives the cap. Without a cap (not a budget run's fit) the plan stands.

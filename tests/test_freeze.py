@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY_BACKBONE, make_image_folder
-from stand_ins import PREP
+from stand_ins import tiny_fit_inputs
 from torch import nn
 
-from imgclf.data.pipeline import ImageStore
 from imgclf.data.sources import load_dataset
 from imgclf.errors import ImgclfError
 
@@ -20,16 +19,9 @@ def _tiny_fit(tmp_path: Path, *, freeze_stages: int, freeze_bn: bool) -> tuple[d
                                                                                dict[str, torch.Tensor]]:
     """(state before, state after) one epoch of fine-tuning the tiny backbone."""
     from imgclf.config import TrainConfig
-    from imgclf.models.backbones import create_backbone
-    from imgclf.models.classifier import ImageClassifier
     from imgclf.training.finetune import fit
 
-    torch.manual_seed(0)
-    dataset = load_dataset(str(make_image_folder(tmp_path / "data", per_class=8)), val_fraction=0.25, seed=0)
-    train = ImageStore.decode(dataset.train, PREP, memory_budget=2**30, workers=1)
-    val = ImageStore.decode(dataset.val, PREP, memory_budget=2**30, workers=1)
-    backbone = create_backbone(TINY_BACKBONE, random_init=True)
-    model = ImageClassifier(backbone.model, nn.Linear(backbone.num_features, 3))
+    model, train, val = tiny_fit_inputs(make_image_folder(tmp_path / "data", per_class=8))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = TrainConfig(data="d", out="o", batch_size=4, augment="none", lr=1e-2, freeze_bn=freeze_bn,
                       freeze_stages=freeze_stages)

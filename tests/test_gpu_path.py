@@ -15,16 +15,16 @@ import pytest
 import torch
 from conftest import TINY_BACKBONE, make_image_folder
 from PIL import Image
+from stand_ins import PREP, tiny_fit_inputs
 from torch import nn
 
 from imgclf.config import TrainConfig
-from imgclf.data.pipeline import DeviceStore, ImageStore, Preprocessing, to_device
+from imgclf.data.pipeline import DeviceStore, ImageStore, to_device
 from imgclf.data.sources import load_dataset
 from imgclf.errors import ImgclfError
 from imgclf.training import gpu
 from imgclf.training.gpu import choose_placement, place_store, run_with_batch_fallback
 
-PREP = Preprocessing(image_size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 CUDA = torch.device("cuda")
 GIB = 2**30
 
@@ -73,17 +73,9 @@ def test_other_errors_are_not_retried() -> None:
 
 
 def _tiny_fit(tmp_path: Path, cfg: TrainConfig):  # noqa: ANN202
-    from imgclf.models.backbones import create_backbone
-    from imgclf.models.classifier import ImageClassifier
     from imgclf.training.finetune import fit
 
-    torch.manual_seed(0)
-    root = make_image_folder(tmp_path / "data", per_class=8)
-    dataset = load_dataset(str(root), val_fraction=0.25, seed=0)
-    train = ImageStore.decode(dataset.train, PREP, memory_budget=GIB, workers=1)
-    val = ImageStore.decode(dataset.val, PREP, memory_budget=GIB, workers=1)
-    backbone = create_backbone(TINY_BACKBONE, random_init=True)
-    model = ImageClassifier(backbone.model, nn.Linear(backbone.num_features, 3))
+    model, train, val = tiny_fit_inputs(make_image_folder(tmp_path / "data", per_class=8))
     return fit(model, train, val, cfg, epochs=2, device=torch.device("cpu"), dtype=torch.float32), len(train)
 
 

@@ -94,22 +94,12 @@ def test_ruinous_fine_tuning_leaves_the_probe_head_in_the_bundle(tmp_path: Path)
 
 
 def test_early_stopping_counts_from_the_best_fine_tuned_epoch_not_from_the_probe(tmp_path: Path) -> None:
-    from stand_ins import PREP
-    from torch import nn
+    from stand_ins import tiny_fit_inputs
 
     from imgclf.config import TrainConfig
-    from imgclf.data.pipeline import ImageStore
-    from imgclf.data.sources import load_dataset
-    from imgclf.models.backbones import create_backbone
-    from imgclf.models.classifier import ImageClassifier
     from imgclf.training.finetune import best_finetuned_epoch, fit
 
-    torch.manual_seed(0)
-    dataset = load_dataset(str(make_image_folder(tmp_path / "data", per_class=12)), val_fraction=0.25, seed=0)
-    train = ImageStore.decode(dataset.train, PREP, memory_budget=2**30, workers=1)
-    val = ImageStore.decode(dataset.val, PREP, memory_budget=2**30, workers=1)
-    backbone = create_backbone(TINY_BACKBONE, random_init=True)
-    model = ImageClassifier(backbone.model, nn.Linear(backbone.num_features, 3))
+    model, train, val = tiny_fit_inputs(make_image_folder(tmp_path / "data", per_class=12))
     cfg = TrainConfig(data="d", out="o", batch_size=4, augment="none", patience=1, lr=1e-3)
     # A probe no epoch can beat: under the old rule its score stopped the run after epoch 1.
     result = fit(model, train, val, cfg, epochs=6, device=torch.device("cpu"), dtype=torch.float32,

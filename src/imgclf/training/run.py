@@ -487,20 +487,25 @@ def _fit(
             )
             if chosen != prep:
                 prep = chosen
-                stores["val"] = _store(dataset.val, prep, cfg, budget // 4, "val")
-                if dataset.test is not None:
-                    stores["test"] = _store(dataset.test, prep, cfg, 0, "test")
+                _store_eval_splits(stores, dataset, prep, cfg, val_budget=budget // 4)
         if candidate is not None and _full_size_probe_wins(candidate, result.best_val_accuracy, eval_size, score):
             model, prep = candidate.model, candidate.prep
-            stores["val"] = _store(dataset.val, prep, cfg, 0, "val")
-            if dataset.test is not None:
-                stores["test"] = _store(dataset.test, prep, cfg, 0, "test")
+            _store_eval_splits(stores, dataset, prep, cfg, val_budget=0)
             for record in history:
                 record["selected"] = False
     if not predictions:  # fine-tuned, or resumed without the probe's features
         predictions = _predict_splits(model, stores, cfg, device, len(dataset.classes))
     return _Fitted(model.cpu().eval(), probe_info, history, stores, predictions, prep, eval_size,
                    candidate.info if candidate is not None else None)
+
+
+def _store_eval_splits(stores: dict[str, ImageStore], dataset: Dataset, prep: Preprocessing, cfg: TrainConfig,
+                       *, val_budget: int) -> None:
+    """Val and test (when there is one) in `stores` again, at `prep`: the bundle's input once it differs
+    from training's (a test-time size, or the full-size probe). `val_budget`: bytes val may keep in memory."""
+    stores["val"] = _store(dataset.val, prep, cfg, val_budget, "val")
+    if dataset.test is not None:
+        stores["test"] = _store(dataset.test, prep, cfg, 0, "test")
 
 
 @dataclasses.dataclass
