@@ -13,7 +13,7 @@ Sets:
 
 Usage:
     IMGCLF_OFFLINE=1 IMGCLF_PROGRESS=0 python benchmarks/default_suite.py [--budget 5] [--sets digits,cifar2k]
-        [--precision auto|fp32|bf16]
+        [--precision auto|fp32|bf16] [--backbone NAME]
 """
 
 from __future__ import annotations
@@ -54,12 +54,15 @@ def folder_for(name: str) -> Path:
     return cifar_folder({"cifar2k": 200, "cifar10k": 1000}[name])
 
 
-def run(name: str, budget: float, precision: str | None, out_root: Path) -> dict[str, object]:
+def run(name: str, budget: float, precision: str | None, out_root: Path, backbone: str | None = None
+        ) -> dict[str, object]:
     data = folder_for(name)
-    out = out_root / f"{name}-{precision or 'auto'}"
+    out = out_root / f"{name}-{precision or 'auto'}{'-' + backbone if backbone else ''}"
     command = [sys.executable, "-m", "imgclf", "train", str(data), "--out", str(out), "--time-budget", str(budget)]
     if precision:
         command += ["--precision", precision]
+    if backbone:
+        command += ["--backbone", backbone]
     print("$", " ".join(command), flush=True)
     start = time.perf_counter()
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
@@ -72,6 +75,7 @@ def run(name: str, budget: float, precision: str | None, out_root: Path) -> dict
                   if "training precision: " in line), meta["hardware"]["dtype"].replace("torch.", ""))
     return {
         "set": name,
+        "backbone": meta["backbone"]["name"].replace("tf_efficientnet_", ""),
         "precision": precision or "auto",
         "train dtype": dtype,
         "size": meta["preprocessing"]["image_size"] if "preprocessing" in meta else "",
@@ -102,9 +106,10 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=5.0, help="--time-budget of every run, minutes")
     parser.add_argument("--sets", default=",".join(SETS), help=f"comma-separated, of {', '.join(SETS)}")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None)
+    parser.add_argument("--backbone", default=None, help="pass --backbone NAME to every run (default: none given)")
     parser.add_argument("--out", default=str(CACHE / "default-suite"), help="where the bundles go")
     args = parser.parse_args()
-    rows = [run(name, args.budget, args.precision, Path(args.out)) for name in args.sets.split(",")]
+    rows = [run(name, args.budget, args.precision, Path(args.out), args.backbone) for name in args.sets.split(",")]
     print(f"\n{datetime.datetime.now():%Y-%m-%d %H:%M}, {cpu_description()}, budget {args.budget:g} min")
     columns = list(rows[0])
     print(" | ".join(columns))

@@ -25,6 +25,9 @@ RECIPES: tuple[str, ...] = get_args(Recipe)
 RECIPE_ALIASES: dict[str, Recipe] = {"seed": "article"}
 
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
+# `backbone: auto` (the default): the recipe's default backbone, except that a fine-tuning run under a time
+# budget screens the other offline backbones and may take a larger one (training/choose.py).
+AUTO_BACKBONE = "auto"
 DEFAULT_PROBE_L2 = (1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)  # the probe's L2 strengths, chosen on val
 
 # Per-recipe defaults, between the dataclass defaults and the YAML file: defaults < these < file < flags.
@@ -41,13 +44,14 @@ class TrainConfig:
 
     Example:
         >>> cfg = TrainConfig(data="photos/", out="runs/photos", recipe="probe")
-        >>> cfg.backbone
-        'tf_efficientnet_lite0'
+        >>> cfg.backbone, default_backbone(cfg.recipe)
+        ('auto', 'tf_efficientnet_lite0')
     """
 
     data: str = ""  # folder, split folder, CSV manifest, or "cifar10"/"cifar100"
     out: str = ""  # bundle folder to write
-    backbone: str = DEFAULT_BACKBONE  # any timm name; curated ones know their offline weights
+    # any timm name (curated ones know their offline weights); auto: chosen on evidence (training/choose.py)
+    backbone: str = AUTO_BACKBONE
     weights: str | None = None  # local weights file; None = offline package, then the hub
     random_init: bool = False  # train from scratch; must be asked for explicitly
     recipe: Recipe = "finetune"
@@ -130,6 +134,11 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def default_backbone(recipe: str) -> str:
+    """The backbone `auto` starts from: the recipe's own (the article's VGG19), else `DEFAULT_BACKBONE`."""
+    return str(RECIPE_DEFAULTS.get(recipe, {}).get("backbone", DEFAULT_BACKBONE))
 
 
 # `finetune` without --epochs, --time-budget or --max-minutes is planned for this budget: what

@@ -208,7 +208,7 @@ def summarize_recipe(
         >>> summarize_recipe("article", num_classes=10, image_size=32).rows[0].params
         20024384
     """
-    from imgclf.config import DEFAULT_BACKBONE, RECIPE_DEFAULTS, RECIPES, canonical_recipe
+    from imgclf.config import AUTO_BACKBONE, RECIPES, canonical_recipe, default_backbone
     from imgclf.models.backbones import create_backbone
     from imgclf.models.classifier import build_head
 
@@ -217,7 +217,7 @@ def summarize_recipe(
         raise ConfigError(f"unknown recipe {recipe!r}", expected=f"one of {', '.join(RECIPES)}")
     if num_classes < 2:
         raise ConfigError(f"--num-classes {num_classes} is too few", expected="2 or more classes")
-    name = backbone or RECIPE_DEFAULTS.get(recipe, {}).get("backbone", DEFAULT_BACKBONE)
+    name = backbone if backbone and backbone != AUTO_BACKBONE else default_backbone(recipe)
     if recipe == "article":
         from imgclf.models.article import create_conv_base
         from imgclf.training.article import SEED_MIN_IMAGE_SIZE, build_seed_model

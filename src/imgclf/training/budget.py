@@ -113,6 +113,7 @@ class Plan:
     search_seconds: float = 0.0  # of closing: scoring the last epoch and choosing the test-time size
     train_images: int | None = None  # a probe on this many train images (a stratified subset); None = all
     full_size_probe: int | None = None  # finetune: the size of a probe that competes with it for the bundle
+    fit_epochs: float = 0.0  # finetune: the epochs that fit at `image_size` before rounding (`epochs`)
 
 
 def _shared_seconds(size: int, work: Workload, rates: Rates) -> float:
@@ -233,7 +234,8 @@ def plan_budget(
     seconds = min(finetune_seconds(size, epochs, work, rates) + extra[size], usable)
     return Plan("finetune", size, epochs, seconds, after_deadline, reason,
                 options, search_seconds=work.val / rates.frozen[size] + search_seconds(size, work, rates),
-                full_size_probe=sizes[-1] if full_size_probe and size < sizes[-1] else None)
+                full_size_probe=sizes[-1] if full_size_probe and size < sizes[-1] else None,
+                fit_epochs=fitting[size][0])
 
 
 def _plan_probe(
@@ -309,37 +311,16 @@ def measure_rates(
 
     `decode_images(size)` decodes a sample at `size` and returns (images, seconds).
     """
-    from imgclf.data.pipeline import Augmentation
-    from imgclf.models.classifier import ImageClassifier
-    from imgclf.runtime import FrozenForward, autocast
+    from imgclf.runtime import FrozenForward
 
     measured_sizes = sorted({min(sizes), max(sizes)})
     train: dict[int, float] = {}
     frozen: dict[int, float] = {}
     convert = 0.0
-    generator = torch.Generator().manual_seed(0)
-    augment = Augmentation()
     for size in measured_sizes:
-        model = ImageClassifier(copy.deepcopy(backbone), nn.Linear(num_features, 10)).to(device)
-        model.set_backbone_trainable(True, freeze_bn=freeze_bn, frozen_stages=frozen_stages)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+        train[size] = training_rate(backbone, num_features, size=size, batch_size=batch_size, device=device,
+                                    dtype=dtype, freeze_bn=freeze_bn, frozen_stages=frozen_stages, clock=clock)
         images = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8)
-        labels = torch.randint(0, 10, (batch_size,))
-        seconds = 0.0
-        with training_heap():  # as FitLoop trains (memory.TRAINING_MMAP_THRESHOLD)
-            for step in range(WARMUP_STEPS + MEASURE_STEPS):
-                start = clock()
-                x = (augment(images, generator) / 255.0).to(device).contiguous(memory_format=torch.channels_last)
-                with autocast(device, dtype):
-                    loss = nn.functional.cross_entropy(model(x).float(), labels.to(device))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)  # CUDA runs asynchronously: wait, or only launches are timed
-                if step >= WARMUP_STEPS:
-                    seconds += clock() - start
-        train[size] = MEASURE_STEPS * batch_size / max(seconds, 1e-9)
         start = clock()
         forward = FrozenForward(copy.deepcopy(backbone), image_size=size, device=device, precision=precision)
         convert = max(convert, clock() - start)
@@ -348,12 +329,46 @@ def measure_rates(
         start = clock()
         forward(x)
         frozen[size] = batch_size / max(clock() - start, 1e-9)
-        del model, optimizer, forward
+        del forward
     count, seconds = decode_images(max(sizes))
     return Rates(
         train=interpolate(train, sizes), frozen=interpolate(frozen, sizes),
         decode=count / max(seconds, 1e-9) if count else 1e9, convert_seconds=convert,
     )
+
+
+def training_rate(
+    backbone: nn.Module, num_features: int, *, size: int, batch_size: int, device: torch.device, dtype: torch.dtype,
+    freeze_bn: bool, frozen_stages: int = 0, clock: Callable[[], float] = time.perf_counter,
+) -> float:
+    """Images/s of fine-tuning steps (augmentation, forward, backward, AdamW) at `size` on a copy of
+    `backbone` with a new head: `MEASURE_STEPS` timed after `WARMUP_STEPS`."""
+    from imgclf.data.pipeline import Augmentation
+    from imgclf.models.classifier import ImageClassifier
+    from imgclf.runtime import autocast
+
+    generator = torch.Generator().manual_seed(0)
+    augment = Augmentation()
+    model = ImageClassifier(copy.deepcopy(backbone), nn.Linear(num_features, 10)).to(device)
+    model.set_backbone_trainable(True, freeze_bn=freeze_bn, frozen_stages=frozen_stages)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    images = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (batch_size,))
+    seconds = 0.0
+    with training_heap():  # as FitLoop trains (memory.TRAINING_MMAP_THRESHOLD)
+        for step in range(WARMUP_STEPS + MEASURE_STEPS):
+            start = clock()
+            x = (augment(images, generator) / 255.0).to(device).contiguous(memory_format=torch.channels_last)
+            with autocast(device, dtype):
+                loss = nn.functional.cross_entropy(model(x).float(), labels.to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # CUDA runs asynchronously: wait, or only launches are timed
+            if step >= WARMUP_STEPS:
+                seconds += clock() - start
+    return MEASURE_STEPS * batch_size / max(seconds, 1e-9)
 
 
 def sample_decoder(images: ImageSet, prep_at: Callable[[int], Preprocessing], *, workers: int, sample: int = 64,
@@ -382,6 +397,10 @@ class BudgetRun(NamedTuple):
     search_end: float  # the test-time size search, and scoring at its size, end by then
     probe_images: int | None  # a probe on this many train images (a stratified subset); None = all
     full_size_probe: int | None  # the size of a probe that competes with fine-tuning for the bundle
+    # What the plan was made from, for a choice of backbone (training/choose.py) to plan again with.
+    plan: Plan | None = None
+    rates: Rates | None = None
+    work: Workload | None = None
 
 
 def plan_run(
@@ -395,9 +414,14 @@ def plan_run(
     upper_size: int,
     parallel: int = 1,
     clock: Callable[[], float] = time.perf_counter,
+    rates: Rates | None = None,
+    quiet: bool = False,
 ) -> BudgetRun:
     """Measure, plan, log; returns the config with recipe, image_size and epochs set, and the
     deadlines and sizes that go with it (`BudgetRun`).
+
+    Given `rates` (another backbone's, scaled: training/choose.py), nothing is measured; `quiet` does
+    not log the plan.
 
     With the feature cache on, features already cached at a size count as free for a probe there.
 
@@ -415,11 +439,12 @@ def plan_run(
     def prep_at(size: int) -> Preprocessing:
         return Preprocessing.from_data_config(backbone.data_config, size)
 
-    rates = measure_rates(
-        backbone.model, backbone.num_features, sizes=sizes, batch_size=cfg.batch_size, device=device, dtype=dtype,
-        precision=cfg.precision, freeze_bn=cfg.freeze_bn, frozen_stages=cfg.freeze_stages or 0,
-        decode_images=sample_decoder(dataset.train, prep_at, workers=cfg.workers, clock=clock), clock=clock,
-    )
+    if rates is None:
+        rates = measure_rates(
+            backbone.model, backbone.num_features, sizes=sizes, batch_size=cfg.batch_size, device=device,
+            dtype=dtype, precision=cfg.precision, freeze_bn=cfg.freeze_bn, frozen_stages=cfg.freeze_stages or 0,
+            decode_images=sample_decoder(dataset.train, prep_at, workers=cfg.workers, clock=clock), clock=clock,
+        )
     if parallel > 1:
         rates = dataclasses.replace(rates, train={s: r * parallel for s, r in rates.train.items()},
                                     frozen={s: r * parallel for s, r in rates.frozen.items()})
@@ -438,7 +463,8 @@ def plan_run(
     max_epochs = cfg.epochs if cfg.epochs is not None else MAX_EPOCHS
     plan = plan_budget(seconds_left=seconds_left, work=work, rates=rates, sizes=sizes, max_epochs=max_epochs,
                        allow_finetune=cfg.recipe == "finetune", full_size_probe=cfg.full_size_probe)
-    log(f"time budget {cfg.time_budget_minutes:g} min, {seconds_left:.0f} s left after measuring: "
+    log_plan = (lambda _: None) if quiet else log
+    log_plan(f"time budget {cfg.time_budget_minutes:g} min, {seconds_left:.0f} s left after measuring: "
         f"{plan.recipe} at {plan.image_size} px" + (f", {plan.epochs} epoch(s)" if plan.epochs else "")
         + (f" on {plan.train_images} of {work.train} train images" if plan.train_images is not None else "")
         + (f", and a probe at {plan.full_size_probe} px to compete with it" if plan.full_size_probe else "")
@@ -453,4 +479,4 @@ def plan_run(
     # measured, 915-1,759 seen: 128 px skipped while the run ended 36 s early, CIFAR-10, 2026-12-01).
     search_end = max(started + budget_s - FIXED_SECONDS - rates.convert_seconds, deadline + plan.search_seconds)
     planned = dataclasses.replace(cfg, recipe=plan.recipe, image_size=plan.image_size, epochs=plan.epochs)
-    return BudgetRun(planned, deadline, search_end, plan.train_images, plan.full_size_probe)
+    return BudgetRun(planned, deadline, search_end, plan.train_images, plan.full_size_probe, plan, rates, work)

@@ -206,6 +206,8 @@ class Checkpointer:
         # The training steps' dtype, chosen by timing (training/precision.py): a resumed run must use the
         # one the run began with, not time again (a close call can go the other way on a busy machine).
         self.training_dtype: str | None = resume_from.state.get("training_dtype") if resume_from else None
+        # The backbone the run trains (`--backbone auto` may have chosen one): a resumed run keeps it.
+        self.backbone: str | None = resume_from.state.get("backbone") if resume_from else None
         self.seq = resume_from.seq if resume_from else max(
             (int(p.name[5:]) for p in checkpoint_folders(out)), default=0
         )
@@ -391,7 +393,8 @@ class Checkpointer:
             "format": FORMAT, "format_version": FORMAT_VERSION, "seq": self.seq,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             **values,
-            "probe": self.probe_info, "training_dtype": self.training_dtype, "rng": rng_values,
+            "probe": self.probe_info, "training_dtype": self.training_dtype, "backbone": self.backbone,
+            "rng": rng_values,
             "threads": torch.get_num_threads(),
             "config": self.cfg.to_dict(), "versions": library_versions(),
         }

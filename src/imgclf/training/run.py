@@ -20,7 +20,7 @@ from PIL import Image
 from torch import nn
 
 from imgclf import distributed
-from imgclf.config import TrainConfig, resolve_config, save_yaml, with_default_budget
+from imgclf.config import AUTO_BACKBONE, TrainConfig, default_backbone, resolve_config, save_yaml, with_default_budget
 from imgclf.data.check import preflight
 from imgclf.data.dataset import Dataset, ImageSet
 from imgclf.data.decisions import apply_decisions
@@ -34,6 +34,7 @@ from imgclf.runtime import FrozenForward, StorePredictions, compute_dtype, pick_
 from imgclf.training.article import DEFAULT_SEED_EPOCHS, build_seed_model, fit_article, seed_meta, seed_setup
 from imgclf.training.balance import balanced_class_weights
 from imgclf.training.checkpoint import Checkpointer, open_checkpointer
+from imgclf.training.choose import choose_backbone, wants_choice
 from imgclf.training.eval_size import choose_eval_size
 from imgclf.training.feature_cache import LazyForward, cache_for, cached_features, cached_probe
 from imgclf.training.finetune import Callback, fit
@@ -123,7 +124,8 @@ def resolve_run_config(config: TrainConfig | None = None, **overrides: Any) -> T
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {cfg.out!r} is a file", fix="pass a folder path for the bundle")
-    resolve_backbone(cfg.backbone)  # a typo in the name fails now, not after reading the data
+    if cfg.backbone != AUTO_BACKBONE:
+        resolve_backbone(cfg.backbone)  # a typo in the name fails now, not after reading the data
     if cfg.recipe == "article" and distributed.launch() is not None:
         raise ConfigError("--recipe article runs in one process", expected="a launch without torchrun",
                           fix="run it as `imgclf train ...`, or use --recipe finetune or probe with torchrun")
@@ -158,6 +160,7 @@ class _Setup:
     search_end: float | None = None  # the test-time size search, and scoring at its size, must end by then
     epoch_cap: int | None = None  # budget runs: the most epochs a re-plan may give
     full_size_probe: int | None = None  # finetune below the probe's size: a probe there competes for the bundle
+    backbone_choice: dict[str, Any] | None = None  # `--backbone auto`'s screening, when it ran
 
 
 def run_training(cfg: TrainConfig, out: Path) -> TrainingRun:
@@ -186,8 +189,10 @@ def run_training(cfg: TrainConfig, out: Path) -> TrainingRun:
                           expected="--recipe finetune (default) or probe for a path,labels CSV",
                           fix="drop --recipe article")
     device = distributed.rank_device(pick_device(cfg.device))
-    setup = _plan(cfg, dataset, device, started, recorded_dtype=checkpointer.training_dtype)
+    setup = _plan(cfg, dataset, device, started, recorded_dtype=checkpointer.training_dtype,
+                  recorded_backbone=checkpointer.backbone)
     checkpointer.training_dtype = str(setup.dtype).replace("torch.", "")
+    checkpointer.backbone = setup.cfg.backbone
     cfg, dataset, backbone, prep = setup.cfg, setup.dataset, setup.backbone, setup.prep
     log(f"backbone: {cfg.backbone}, {backbone.num_features} features, weights: {backbone.weights_source}")
     log(f"input: {prep.image_size} px, {prep.interpolation}, mean {prep.mean}, std {prep.std}; "
@@ -218,6 +223,7 @@ def run_training(cfg: TrainConfig, out: Path) -> TrainingRun:
         **({"selection": selection_summary(fitted.history, fitted.full_size_probe)}
            if fitted.history and fitted.history[0]["epoch"] == 0 else {}),
         **({"full_size_probe": fitted.full_size_probe} if fitted.full_size_probe else {}),
+        **({"backbone_choice": setup.backbone_choice} if setup.backbone_choice else {}),
         **({"test_time_size": fitted.eval_size} if fitted.eval_size else {}),
         "skipped_files": skipped,
         "hardware": {"device": str(device), "dtype": str(setup.dtype),
@@ -249,13 +255,18 @@ def _load_data(cfg: TrainConfig) -> tuple[Dataset, list[dict[str, str]]]:
 
 
 def _plan(cfg: TrainConfig, dataset: Dataset, device: torch.device, started: float, *,
-          recorded_dtype: str | None = None) -> _Setup:
+          recorded_dtype: str | None = None, recorded_backbone: str | None = None) -> _Setup:
     """Build the backbone and decide size, precision, epochs and deadlines (the time budget's plan).
+    `--backbone auto` under a budget may screen the offline backbones first (training/choose.py).
 
-    `recorded_dtype` is the training dtype of the run being resumed, if any: it is kept.
+    `recorded_dtype` and `recorded_backbone` are the training dtype and backbone of the run being
+    resumed, if any: they are kept.
     """
     dtype = compute_dtype(device, cfg.precision)
     deadline = started + 60 * cfg.max_minutes if cfg.max_minutes else None
+    choosing = wants_choice(cfg) and recorded_backbone is None and not distributed.active()
+    if cfg.backbone == AUTO_BACKBONE:  # a resumed run keeps the backbone it chose
+        cfg = dataclasses.replace(cfg, backbone=recorded_backbone or default_backbone(cfg.recipe))
     if cfg.recipe == "article":
         prep, backbone = seed_setup(cfg, median_short_side(dataset.train, seed=cfg.seed))
         cfg = dataclasses.replace(cfg, freeze_stages=cfg.freeze_stages or 0)  # the article freezes nothing
@@ -263,13 +274,18 @@ def _plan(cfg: TrainConfig, dataset: Dataset, device: torch.device, started: flo
             deadline = min(deadline or float("inf"), started + 60 * cfg.time_budget_minutes)
         return _Setup(cfg, dataset, backbone, prep, dtype, deadline, deadline)
     backbone = create_backbone(cfg.backbone, weights=cfg.weights, random_init=cfg.random_init)
+    given = cfg  # freeze_stages as given, for another backbone's own
     cfg = _frozen_stages(cfg, backbone, device)
     if recorded_dtype is not None:
         dtype = getattr(torch, recorded_dtype)
     elif cfg.recipe == "finetune":  # frozen passes keep `compute_dtype`'s choice; training steps are timed
         dtype = _training_dtype(backbone, len(dataset.classes), cfg, device)
     median_side = median_short_side(dataset.train, seed=cfg.seed)
-    upper = choose_image_size(int(backbone.data_config["input_size"][-1]), median_side, "probe", device)
+
+    def upper_size(network: Backbone) -> int:  # the probe's input size: the largest the plan considers
+        return choose_image_size(int(network.data_config["input_size"][-1]), median_side, "probe", device)
+
+    upper = upper_size(backbone)
     if not cfg.time_budget_minutes:
         prep = _preprocessing(backbone, cfg, device, median_side)
         full_size = (upper if cfg.full_size_probe and cfg.image_size is None and cfg.recipe == "finetune"
@@ -283,18 +299,30 @@ def _plan(cfg: TrainConfig, dataset: Dataset, device: torch.device, started: flo
     # were left unused: 226 s of a 300-s budget, 2026-12-01).
     epoch_cap = cfg.epochs if cfg.epochs is not None else MAX_EPOCHS
     # Every rank measures (the cores are shared as in the run); all follow rank 0's plan.
-    cfg, budget_deadline, search_end, probe_images, full_size = distributed.rank0_result(
+    planned = distributed.rank0_result(
         lambda: plan_run(cfg, backbone, dataset, device=device, dtype=dtype, started=started,
                          upper_size=upper, parallel=distributed.world_size()),
         everywhere=True,
     )
+    choice = None
+    if choosing:
+        choice = choose_backbone(cfg, backbone, planned, dataset, device=device, dtype=dtype, started=started,
+                                 upper_size=upper_size,
+                                 prepare=lambda c, b: _frozen_stages(dataclasses.replace(
+                                     c, freeze_stages=given.freeze_stages), b, device, quiet=True))
+        if choice is not None:
+            backbone, planned = choice.backbone, choice.run
+    cfg, budget_deadline, search_end, probe_images, full_size = planned[:5]
+    if choice is not None and choice.backbone.entry.name != given.backbone:
+        cfg = _frozen_stages(dataclasses.replace(cfg, freeze_stages=given.freeze_stages), backbone, device)
     if probe_images is not None:  # the budget fits a probe on part of train only
         _, kept = stratified_split(dataset.train.labels, probe_images / len(dataset.train), cfg.seed)
         dataset = dataclasses.replace(dataset, train=dataset.train.subset(np.sort(kept)))
         log(f"time budget: the probe uses {len(dataset.train)} training images, a stratified subset")
     prep = _preprocessing(backbone, cfg, device, median_side)
     return _Setup(_augmentation(cfg, median_side, prep.image_size), dataset, backbone, prep, dtype,
-                  min(deadline or float("inf"), budget_deadline), search_end, epoch_cap, full_size)
+                  min(deadline or float("inf"), budget_deadline), search_end, epoch_cap, full_size,
+                  choice.summary if choice is not None else None)
 
 
 def _augmentation(cfg: TrainConfig, median_side: int | None, image_size: int) -> TrainConfig:
@@ -317,7 +345,7 @@ def _augmentation(cfg: TrainConfig, median_side: int | None, image_size: int) ->
     return dataclasses.replace(cfg, augment="standard")
 
 
-def _frozen_stages(cfg: TrainConfig, backbone: Backbone, device: torch.device) -> TrainConfig:
+def _frozen_stages(cfg: TrainConfig, backbone: Backbone, device: torch.device, *, quiet: bool = False) -> TrainConfig:
     """`cfg` with `freeze_stages` decided: as given, or (auto) the high-resolution stages on a CPU.
 
     On a CPU the backward pass of the stages at output stride <= 4 is most of a fine-tuning step
@@ -329,7 +357,7 @@ def _frozen_stages(cfg: TrainConfig, backbone: Backbone, device: torch.device) -
     if cfg.freeze_stages is not None:
         return cfg
     stages = high_resolution_stages(backbone.model) if cfg.recipe == "finetune" and device.type == "cpu" else 0
-    if stages:
+    if stages and not quiet:
         log(f"fine-tuning keeps the stem and the first {stages} stage(s) of {cfg.backbone} frozen (output stride "
             f"<= {HIGH_RESOLUTION_STRIDE}: most of a training step's cost on a CPU; --freeze-stages 0 trains them)")
     return dataclasses.replace(cfg, freeze_stages=stages)
