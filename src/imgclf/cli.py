@@ -31,7 +31,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("data", metavar="DATA", nargs="?", help="class folders, split folders, a CSV, or cifar10/cifar100")
     p.add_argument("--out", help="bundle folder to write")
     p.add_argument("--config", help="YAML file of options; flags override it")
-    p.add_argument("--backbone", help="timm model name (default tf_efficientnet_lite0)")
+    p.add_argument("--backbone", help="timm model name; default auto: tf_efficientnet_lite0, or lite1/lite2 when a "
+                   "budget run's screening finds their probe clearly better and the budget leaves them 3 epochs")
     p.add_argument("--recipe", choices=[*RECIPE_CHOICES, *RECIPE_ALIASES], metavar="{" + ",".join(RECIPE_CHOICES) + "}",
                    help="probe: frozen backbone; finetune (default); article: the article's VGG19 system "
                    "(formerly 'seed', still accepted)")

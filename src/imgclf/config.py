@@ -80,7 +80,7 @@ class TrainConfig:
     # Share of all fine-tuning steps spent warming the lr up from 0, and at least
     # training.finetune.MIN_WARMUP_STEPS (a 2-epoch run on 1,437 digits has 46 steps: 5% is 2).
     warmup_fraction: float = 0.05
-    patience: int = 3  # epochs without a better val accuracy before stopping early
+    patience: int = 3  # fine-tuned epochs improving neither val accuracy nor val loss before stopping early
     freeze_bn: bool = True  # keep BatchNorm statistics frozen while fine-tuning (Keras guide)
     # Keep the stem and this many early stages frozen while fine-tuning (0: none). None (auto): on a CPU
     # the stages at output stride <= 4 (models.classifier.high_resolution_stages: 2 for lite0), whose

@@ -244,6 +244,7 @@ def analyse(
             "created": meta.get("created"),
             "history": meta.get("history", []),
             "full_size_probe": meta.get("full_size_probe"),  # a probe that competed with fine-tuning
+            "backbone_choice": meta.get("backbone_choice"),  # `--backbone auto`'s screening, when it ran
         },
         "metrics": metrics,
         "worst_classes": worst_first(metrics),

@@ -262,7 +262,26 @@ def _section_curves(report: dict[str, Any], uris: dict[str, str]) -> str:
     else:
         parts.append('<p class="note" data-empty="curves">No epochs were recorded for this run '
                      "(fine-tuning with 0 epochs), so there are no curves.</p>")
-    return "".join(parts) + "</section>"
+    return "".join(parts) + _backbone_choice(report["run"]) + "</section>"
+
+
+def _backbone_choice(run: dict[str, Any]) -> str:
+    """`--backbone auto`'s screening, when it ran: every candidate's probe and speed, and why one won."""
+    choice = run.get("backbone_choice")
+    if not choice:
+        return ""
+    rows = "".join(
+        f"<tr><td>{esc(c['backbone'])}{' (chosen)' if c['backbone'] == choice.get('chosen') else ''}</td>"
+        f"<td>{number(c.get('val_accuracy'), ['run', 'backbone_choice', 'candidates', i, 'val_accuracy'])}</td>"
+        f"<td>{number(c.get('val_loss'), ['run', 'backbone_choice', 'candidates', i, 'val_loss'], 3)}</td>"
+        f"<td>{number(c.get('train_images_per_second'), None, 0)}</td>"
+        f"<td>{number(c.get('fine_tune_epochs'), None, 1)}</td></tr>"
+        for i, c in enumerate(choice.get("candidates", [])))
+    return (f"<h3>Backbone (auto)</h3><p class=\"note\">Linear probes at {esc(choice.get('image_size'))} px on "
+            f"{esc(choice.get('train_images'))} train and {esc(choice.get('val_images'))} val images. Rule: "
+            f"{esc(choice.get('rule'))}. {esc(choice.get('reason'))}.</p><table><tr><th>backbone</th>"
+            "<th>probe val</th><th>val loss (temperature-scaled)</th><th>training img/s</th>"
+            f"<th>epochs the budget leaves</th></tr>{rows}</table>")
 
 
 def _section_metrics(report: dict[str, Any]) -> str:

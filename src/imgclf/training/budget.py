@@ -318,9 +318,10 @@ def measure_rates(
     frozen: dict[int, float] = {}
     convert = 0.0
     for size in measured_sizes:
-        train[size] = training_rate(backbone, num_features, size=size, batch_size=batch_size, device=device,
-                                    dtype=dtype, freeze_bn=freeze_bn, frozen_stages=frozen_stages, clock=clock)
         images = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8)
+        train[size] = training_rate(backbone, num_features, size=size, batch_size=batch_size, device=device,
+                                    dtype=dtype, freeze_bn=freeze_bn, frozen_stages=frozen_stages, clock=clock,
+                                    images=images)
         start = clock()
         forward = FrozenForward(copy.deepcopy(backbone), image_size=size, device=device, precision=precision)
         convert = max(convert, clock() - start)
@@ -340,9 +341,11 @@ def measure_rates(
 def training_rate(
     backbone: nn.Module, num_features: int, *, size: int, batch_size: int, device: torch.device, dtype: torch.dtype,
     freeze_bn: bool, frozen_stages: int = 0, clock: Callable[[], float] = time.perf_counter,
+    images: torch.Tensor | None = None,
 ) -> float:
     """Images/s of fine-tuning steps (augmentation, forward, backward, AdamW) at `size` on a copy of
-    `backbone` with a new head: `MEASURE_STEPS` timed after `WARMUP_STEPS`."""
+    `backbone` with a new head: `MEASURE_STEPS` timed after `WARMUP_STEPS`. `images`: a uint8 batch
+    (default: random pixels)."""
     from imgclf.data.pipeline import Augmentation
     from imgclf.models.classifier import ImageClassifier
     from imgclf.runtime import autocast
@@ -352,7 +355,8 @@ def training_rate(
     model = ImageClassifier(copy.deepcopy(backbone), nn.Linear(num_features, 10)).to(device)
     model.set_backbone_trainable(True, freeze_bn=freeze_bn, frozen_stages=frozen_stages)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
-    images = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8)
+    if images is None:
+        images = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8)
     labels = torch.randint(0, 10, (batch_size,))
     seconds = 0.0
     with training_heap():  # as FitLoop trains (memory.TRAINING_MMAP_THRESHOLD)

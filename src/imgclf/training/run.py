@@ -264,8 +264,8 @@ def _plan(cfg: TrainConfig, dataset: Dataset, device: torch.device, started: flo
     """
     dtype = compute_dtype(device, cfg.precision)
     deadline = started + 60 * cfg.max_minutes if cfg.max_minutes else None
-    choosing = wants_choice(cfg) and recorded_backbone is None and not distributed.active()
-    if cfg.backbone == AUTO_BACKBONE:  # a resumed run keeps the backbone it chose
+    choosing = wants_choice(cfg) and recorded_backbone is None  # a resumed run keeps its backbone
+    if cfg.backbone == AUTO_BACKBONE:
         cfg = dataclasses.replace(cfg, backbone=recorded_backbone or default_backbone(cfg.recipe))
     if cfg.recipe == "article":
         prep, backbone = seed_setup(cfg, median_short_side(dataset.train, seed=cfg.seed))
@@ -305,14 +305,17 @@ def _plan(cfg: TrainConfig, dataset: Dataset, device: torch.device, started: flo
         everywhere=True,
     )
     choice = None
-    if choosing:
+    if choosing and distributed.active():
+        log(f"backbone: {cfg.backbone} (auto; not screened: under torchrun the default backbone trains)")
+    elif choosing:
         choice = choose_backbone(cfg, backbone, planned, dataset, device=device, dtype=dtype, started=started,
                                  upper_size=upper_size,
                                  prepare=lambda c, b: _frozen_stages(dataclasses.replace(
                                      c, freeze_stages=given.freeze_stages), b, device, quiet=True))
         if choice is not None:
             backbone, planned = choice.backbone, choice.run
-    cfg, budget_deadline, search_end, probe_images, full_size = planned[:5]
+    cfg, budget_deadline, search_end = planned.cfg, planned.deadline, planned.search_end
+    probe_images, full_size = planned.probe_images, planned.full_size_probe
     if choice is not None and choice.backbone.entry.name != given.backbone:
         cfg = _frozen_stages(dataclasses.replace(cfg, freeze_stages=given.freeze_stages), backbone, device)
     if probe_images is not None:  # the budget fits a probe on part of train only
