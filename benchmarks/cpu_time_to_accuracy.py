@@ -49,7 +49,9 @@ def run_imgclf(data: Path, budget: float, out: Path, extra: list[str]) -> dict[s
     wall = time.perf_counter() - start
     meta = json.loads((out / "imgclf.json").read_text())
     cfg = meta["config"]
-    return {"tool": "imgclf", "budget_min": budget, "wall_min": wall / 60, "recipe": cfg["recipe"],
+    name = meta["backbone"]["name"]
+    return {"tool": f"imgclf ({name})", "backbone": name, "budget_min": budget, "wall_min": wall / 60,
+            "recipe": cfg["recipe"],
             "size": cfg["image_size"], "epochs": sum(h["epoch"] > 0 for h in meta["history"]) or "-",  # 0: the probe
             "accuracy": meta["metrics"]["test"]["accuracy"]}
 
@@ -103,7 +105,7 @@ def main() -> None:
     parser.add_argument("--budgets", type=float, nargs="+", default=[5, 15, 45], help="minutes")
     parser.add_argument("--per-class", type=int, help="use only this many images per class and split (smoke runs)")
     parser.add_argument("--fastai", action="store_true", help="also run the fastai baseline at each budget")
-    parser.add_argument("--backbone", default="tf_efficientnet_lite0")
+    parser.add_argument("--backbone", help="pass --backbone NAME to imgclf (default: none, so auto)")
     parser.add_argument("--out", default=str(CACHE / "budget-runs"))
     parser.add_argument("extra", nargs="*", help="more imgclf train flags, after --")
     args = parser.parse_args()
@@ -113,10 +115,11 @@ def main() -> None:
     rows = []
     for budget in args.budgets:
         row = run_imgclf(data, budget, Path(args.out) / f"budget-{budget:g}",
-                         ["--backbone", args.backbone, *args.extra])
+                         [*(["--backbone", args.backbone] if args.backbone else []), *args.extra])
         rows.append(row)
         if args.fastai:
-            baseline = run_fastai(data, row["wall_min"], int(row["size"]), args.backbone)  # type: ignore[arg-type]
+            # the backbone the imgclf run trained, so both tools fine-tune the same network
+            baseline = run_fastai(data, row["wall_min"], int(row["size"]), str(row["backbone"]))  # type: ignore[arg-type]
             if baseline:
                 rows.append(baseline)
     print(f"\nCIFAR-10 JPEG{f' ({args.per_class} per class)' if args.per_class else ''}, "
