@@ -83,7 +83,7 @@ class Screened:
 
     backbone: str
     val_accuracy: float  # val mAP for multi-label data
-    val_loss: float  # mean per-image loss of the probe's head on the screening's val images
+    val_loss: float  # mean per-image loss of the probe's head on the screening's val images, temperature-scaled
     frozen_images_per_second: float | None  # None when every feature came from the cache
     seconds: float
     train_images_per_second: float | None = None  # fine-tuning steps at the screening's size
